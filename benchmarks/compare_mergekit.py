@@ -1,0 +1,183 @@
+"""Compare medmerge's merges with mergekit 0.1.5's on the same recipes and inputs, tensor by tensor.
+
+    python benchmarks/compare_mergekit.py --mergekit-python /path/to/mergekit-venv/bin/python
+
+mergekit must live in its own virtual environment (it pins other versions of our dependencies); point
+`--mergekit-python` (or $MEDMERGE_MERGEKIT_PYTHON) at that venv's python. The script builds small
+Mistral-shaped models (a base and two perturbed "fine-tunes"), runs every recipe through both tools and
+reports, per recipe, how many output elements differ. A difference is *explained* only when it is one
+known, documented divergence:
+
+  * TIES magnitude trim: entries whose |delta| equals the k-th largest |delta| of some model. mergekit
+    chooses among such equal-magnitude entries with an unstable argsort (an arbitrary subset); medmerge
+    keeps the lowest flat indices. Same count kept, possibly other positions.
+
+Exit status 1 if any difference is unexplained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from merge.methods.task_arithmetic import _top_k_magnitude_mask  # noqa: E402
+from merge.recipe import DTYPES  # noqa: E402
+from merge.run import run_merge  # noqa: E402
+from medmerge.tiny import build_model, build_tokenizer, perturbed_copy  # noqa: E402
+
+
+def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
+    slerp_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+               {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+    three = [{"model": base, "parameters": {"weight": 0.5}}, {"model": ft1, "parameters": {"weight": 0.3}},
+             {"model": ft2, "parameters": {"weight": 0.2}}]
+    two_ft = [{"model": base}, {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
+              {"model": ft2, "parameters": {"weight": 0.3, "density": 0.7}}]
+    layers = 4
+    return {
+        "linear": {"merge_method": "linear", "models": three, "dtype": "bfloat16"},
+        "linear_unnormalized_fp32": {"merge_method": "linear", "models": three, "parameters": {"normalize": False},
+                                     "dtype": "float32"},
+        "slerp_gradient": {"merge_method": "slerp", "base_model": base, "dtype": "bfloat16",
+                           "slices": [{"sources": [{"model": base, "layer_range": [0, layers]},
+                                                   {"model": ft1, "layer_range": [0, layers]}]}],
+                           "parameters": {"t": slerp_t}},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": two_ft,
+                            "parameters": {"lambda": 0.8, "normalize": True}, "dtype": "bfloat16"},
+        "ties": {"merge_method": "ties", "base_model": base, "models": two_ft,
+                 "parameters": {"normalize": True, "int8_mask": True}, "dtype": "bfloat16"},
+        "ties_fp32_lambda": {"merge_method": "ties", "base_model": base, "models": two_ft,
+                             "parameters": {"normalize": False, "lambda": 1.5}, "dtype": "float32"},
+        "dare_ties_density1": {"merge_method": "dare_ties", "base_model": base, "dtype": "bfloat16",
+                               "models": [{"model": base}, {"model": ft1, "parameters": {"weight": 0.6}},
+                                          {"model": ft2, "parameters": {"weight": 0.4}}]},
+        "dare_linear_density1": {"merge_method": "dare_linear", "base_model": base, "dtype": "bfloat16",
+                                 "models": [{"model": ft1, "parameters": {"weight": 0.6}},
+                                            {"model": ft2, "parameters": {"weight": 0.4}}],
+                                 "parameters": {"normalize": True}},
+        "passthrough_stack": {"merge_method": "passthrough", "dtype": "bfloat16",
+                              "slices": [{"sources": [{"model": base, "layer_range": [0, 3]}]},
+                                         {"sources": [{"model": ft1, "layer_range": [1, 4]}]}]},
+        "ties_out_fp16": {"merge_method": "ties", "base_model": base, "models": two_ft, "dtype": "float32",
+                          "out_dtype": "float16"},
+    }
+
+
+@dataclass
+class Outcome:
+    name: str
+    tensors: int
+    elements: int
+    differing: int
+    explained: int
+    max_abs: float
+
+    @property
+    def ok(self) -> bool:
+        return self.differing == self.explained
+
+
+def load_all(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def ties_threshold_ties(recipe: dict, model_dirs: dict[str, Path], name: str, positions: torch.Tensor) -> int:
+    """How many of `positions` (flat) sit on a magnitude-threshold tie of some model's delta."""
+    dtype = DTYPES[recipe["dtype"]]
+    base = load_all(model_dirs[recipe["base_model"]])[name].to(dtype)
+    hit = torch.zeros(positions.numel(), dtype=torch.bool)
+    for m in recipe["models"]:
+        density = (m.get("parameters") or {}).get("density", 1.0)
+        if m["model"] == recipe["base_model"] or density >= 1:
+            continue
+        delta = (load_all(model_dirs[m["model"]])[name].to(dtype) - base).reshape(-1)
+        k = max(1, int(density * delta.numel()))
+        keep = _top_k_magnitude_mask(delta, k)
+        threshold = delta.abs()[keep].min()
+        hit |= delta.abs()[positions] == threshold
+    return int(hit.sum())
+
+
+def compare(name: str, recipe: dict, ours: Path, theirs: Path, model_dirs: dict[str, Path]) -> Outcome:
+    a, b = load_all(ours), load_all(theirs)
+    if set(a) != set(b):
+        raise SystemExit(f"{name}: tensor names differ: {sorted(set(a) ^ set(b))[:5]}")
+    differing = explained = elements = 0
+    max_abs = 0.0
+    for key in a:
+        if a[key].dtype != b[key].dtype or a[key].shape != b[key].shape:
+            raise SystemExit(f"{name}: {key}: {a[key].dtype}{list(a[key].shape)} vs {b[key].dtype}{list(b[key].shape)}")
+        elements += a[key].numel()
+        diff = (a[key] != b[key]).reshape(-1)
+        n = int(diff.sum())
+        if not n:
+            continue
+        differing += n
+        max_abs = max(max_abs, float((a[key].double() - b[key].double()).abs().max()))
+        if recipe["merge_method"] == "ties" and key in load_all(model_dirs[recipe["base_model"]]):
+            explained += ties_threshold_ties(recipe, model_dirs, key, diff.nonzero().reshape(-1))
+    return Outcome(name, len(a), elements, differing, explained, max_abs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mergekit-python", default=os.environ.get("MEDMERGE_MERGEKIT_PYTHON"),
+                        help="python of a venv with mergekit 0.1.5 installed ($MEDMERGE_MERGEKIT_PYTHON)")
+    parser.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--only", nargs="*", help="recipe names to run")
+    args = parser.parse_args()
+    if not args.mergekit_python:
+        parser.error("give --mergekit-python or set MEDMERGE_MERGEKIT_PYTHON")
+    outcomes = run_comparison(Path(args.mergekit_python), args.work, args.hidden, args.only)
+    print(f"{'recipe':28} {'tensors':>7} {'elements':>10} {'differ':>7} {'explained':>9} {'max |diff|':>10}")
+    for o in outcomes:
+        print(f"{o.name:28} {o.tensors:7d} {o.elements:10d} {o.differing:7d} {o.explained:9d} {o.max_abs:10.3g}"
+              f"  {'ok' if o.ok else 'UNEXPLAINED'}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+def run_comparison(mergekit_python: Path, work: Path | None, hidden: int = 128,
+                   only: list[str] | None = None) -> list[Outcome]:
+    work = work or Path(tempfile.mkdtemp(prefix="medmerge-vs-mergekit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    dirs = {n: work / n for n in ("base", "ft1", "ft2")}
+    if not (dirs["ft2"] / "config.json").exists():
+        build_tokenizer(work / "tokenizer")
+        build_model(dirs["base"], work / "tokenizer", hidden=hidden, intermediate=2 * hidden, layers=4)
+        perturbed_copy(dirs["base"], dirs["ft1"], 0.05, seed=1)
+        perturbed_copy(dirs["base"], dirs["ft2"], 0.05, seed=2)
+    model_dirs = {str(p): p for p in dirs.values()}
+    outcomes = []
+    mergekit_yaml = mergekit_python.parent / "mergekit-yaml"
+    for name, recipe in recipes(*(str(p) for p in dirs.values())).items():
+        if only and name not in only:
+            continue
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        ours, theirs = work / "out" / name / "medmerge", work / "out" / name / "mergekit"
+        shutil.rmtree(theirs, ignore_errors=True)
+        run_merge(path, ours, overwrite=True)
+        subprocess.run([str(mergekit_yaml), str(path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
+                       check=True, capture_output=True)
+        outcomes.append(compare(name, recipe, ours, theirs, model_dirs))
+    return outcomes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The `medmerge` command. Thin: parse arguments, call the library, turn user errors into one line each."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from merge.errors import RecipeError
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 bytes, '512MiB' -> 536_870_912, '1000' -> 1000."""
+    m = SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}' (examples: 2GB, 500MB, 4GiB, 1000000)")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(number * (1024 if binary else 1000) ** power)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merge.run import run_merge
+    from medmerge.console import describe_plan, progress_bar
+
+    with progress_bar(f"merging {Path(args.recipe).name}", enabled=not (args.quiet or args.dry_run)) as progress:
+        result = run_merge(
+            args.recipe, args.out_dir, device=args.device, shard_bytes=args.out_shard_size, seed=args.seed,
+            overwrite=args.overwrite, dry_run=args.dry_run, progress=progress,
+        )
+    if args.dry_run:
+        print(describe_plan(result.plan))
+    elif not args.quiet:
+        print(f"wrote {result.out_dir} ({len(result.plan.jobs)} tensors, {result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medmerge", description="Merge biomedical language models and evaluate the merges with lm-eval."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = sub.add_parser("merge", help="merge the models of a YAML recipe into a Hugging Face model directory",
+                           description="Merge the models of a mergekit-format YAML recipe; OUT_DIR is written "
+                                       "atomically and loads with `lm_eval --model hf --model_args pretrained=OUT_DIR`.")
+    merge.add_argument("recipe", help="the recipe YAML file")
+    merge.add_argument("out_dir", help="output model directory (created; must be empty unless --overwrite)")
+    merge.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
+    merge.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                       help="largest output shard in bytes, e.g. 2GB, 500MB, 4GiB (default 5GB)")
+    merge.add_argument("--seed", type=int, default=0,
+                       help="seed of DARE's random masks; each tensor's mask depends only on (seed, tensor name) "
+                            "(default 0)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    merge.add_argument("--dry-run", action="store_true",
+                       help="validate the recipe and the models' configs/headers and print the plan; read no weights")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except RecipeError as exc:
+        for problem in exc.problems:
+            print(f"medmerge: error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medmerge: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

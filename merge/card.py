@@ -1,0 +1,73 @@
+"""What goes into the output directory besides the weights: config, tokenizer, recipe and model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from merge.io.hub import META_PATTERNS
+from merge.plan import MergePlan
+
+PAPERS = {
+    "linear": "https://arxiv.org/abs/2203.05482",
+    "slerp": "https://en.wikipedia.org/wiki/Slerp",
+    "task_arithmetic": "https://arxiv.org/abs/2212.04089",
+    "ties": "https://arxiv.org/abs/2306.01708",
+    "dare_linear": "https://arxiv.org/abs/2311.03099",
+    "dare_ties": "https://arxiv.org/abs/2311.03099",
+    "passthrough": None,
+}
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOKENIZER_FILES = [p for p in META_PATTERNS if p not in ("config.json", "generation_config.json")]
+
+
+def write_metadata(plan: MergePlan, model_dirs: dict[str, Path | None], out: Path, recipe_text: str, seed: int) -> None:
+    """config.json, generation_config.json, tokenizer files, the recipe verbatim and README.md."""
+    recipe = plan.recipe
+    (out / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    reference_dir = model_dirs.get(plan.reference)
+    if reference_dir and (reference_dir / "generation_config.json").is_file():
+        shutil.copyfile(reference_dir / "generation_config.json", out / "generation_config.json")
+    tokenizer_ref = plan.reference if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
+    tokenizer_dir = model_dirs.get(tokenizer_ref)
+    if tokenizer_dir:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out / name)
+    if recipe.chat_template:
+        template = CHATML if recipe.chat_template == "chatml" else recipe.chat_template
+        (out / "chat_template.jinja").write_text(template)
+        config_path = out / "tokenizer_config.json"
+        if config_path.is_file():
+            tok_config = json.loads(config_path.read_text())
+            tok_config["chat_template"] = template
+            config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+    (out / "medmerge_recipe.yaml").write_text(recipe_text)
+    (out / "README.md").write_text(model_card(plan, recipe_text, seed))
+
+
+def model_card(plan: MergePlan, recipe_text: str, seed: int) -> str:
+    recipe = plan.recipe
+    method = recipe.method
+    front = {"base_model": plan.models, "library_name": "transformers", "tags": ["merge", "medmerge"]}
+    paper = PAPERS.get(method.name)
+    method_line = f"[{method.name}]({paper})" if paper else method.name
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        f"# {recipe.name or (recipe.source_file.stem if recipe.source_file else 'merged model')}", "",
+        f"A merge of pre-trained language models made with medmerge, using the {method_line} method "
+        f"({method.summary}).", "",
+    ]
+    if recipe.base_model:
+        lines += [f"Base model: `{recipe.base_model}`.", ""]
+    lines += ["## Models merged", ""] + [f"- `{m}`" for m in plan.models] + [""]
+    lines += [f"{len(plan.jobs)} tensors, {plan.num_layers} layers"
+              + (f", random seed {seed}" if method.random else "") + ".", ""]
+    lines += ["## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Model I/O: lazy tensor reading, hub resolution, streaming sharded writing. No arithmetic here."""

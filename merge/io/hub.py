@@ -1,0 +1,95 @@
+"""Model references -> checkpoints: local directories, an offline mirror, or the Hugging Face hub.
+
+Resolution order for a reference `org/name[@revision]`:
+  1. a local directory of that path;
+  2. `$MEDMERGE_MODEL_DIR/org/name/` (a plain copy of the hub repository, for offline sites);
+  3. the hub, through huggingface_hub, fetching only what is needed: config.json and safetensors
+     headers to validate (`--dry-run`), the weight files and tokenizer files to merge.
+Offline (no network, or HF_HUB_OFFLINE=1) a reference that is not cached fails at once with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from merge.errors import RecipeError
+from merge.io.checkpoint import Checkpoint, tensors_from_header
+
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+META_PATTERNS = [
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+]
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev')."""
+    repo, _, revision = ref.partition("@")
+    return repo, revision or None
+
+
+def local_dir(ref: str) -> Path | None:
+    """The local directory for `ref` (a path, or its copy under $MEDMERGE_MODEL_DIR), if there is one."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    mirror = os.environ.get("MEDMERGE_MODEL_DIR")
+    if mirror:
+        candidate = Path(mirror) / split_ref(ref)[0]
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def open_model(ref: str, *, weights: bool = True) -> Checkpoint:
+    """Open a model for merging (`weights=True`: download what is missing) or for validation only."""
+    directory = local_dir(ref)
+    if directory is not None:
+        return Checkpoint.open(ref, directory)
+    if weights:
+        return Checkpoint.open(ref, _download(ref, META_PATTERNS + WEIGHT_PATTERNS))
+    return _open_headers(ref)
+
+
+def _download(ref: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo, revision = split_ref(ref)
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing repo: all user-facing
+        raise _hub_error(ref, exc) from None
+
+
+def _open_headers(ref: str) -> Checkpoint:
+    """Config and tensor shapes from the hub without downloading weights (safetensors range reads)."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    repo, revision = split_ref(ref)
+    try:
+        config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
+        metadata = get_safetensors_metadata(repo, revision=revision)
+    except Exception as exc:
+        raise _hub_error(ref, exc) from None
+    tensors = {}
+    for file, file_meta in metadata.files_metadata.items():
+        header = {
+            name: {"dtype": info.dtype, "shape": info.shape, "data_offsets": info.data_offsets}
+            for name, info in file_meta.tensors.items()
+        }
+        tensors.update(tensors_from_header(header, file, data_start=None))
+    return Checkpoint(ref, None, config, tensors)
+
+
+def _hub_error(ref: str, exc: Exception) -> RecipeError:
+    name = type(exc).__name__
+    if "RepositoryNotFound" in name or "RevisionNotFound" in name or "GatedRepo" in name:
+        why = "not found on the hub (or gated: run `hf auth login`)"
+    elif "NotEnoughFreeSpace" in name:
+        why = f"not enough disk space to download it ({exc})"
+    else:
+        why = ("not available locally and the hub cannot be reached; download it where there is a network "
+               "(`hf download ORG/NAME --local-dir $MEDMERGE_MODEL_DIR/ORG/NAME`) and set MEDMERGE_MODEL_DIR")
+    return RecipeError(f"model '{ref}': {why}")

@@ -1,0 +1,142 @@
+"""Streaming safetensors writer and atomic output directories.
+
+Every output tensor's name, dtype and shape is known before the merge starts, so the shard layout and
+each shard's header are fixed up front; tensors are then appended to the open shard as they are computed
+and never held back in memory. Shards split when the next tensor would push one past `max_shard_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from merge.errors import RecipeError
+from merge.io.checkpoint import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """Greedy split in order: a shard closes when the next tensor would exceed the limit (a lone oversized
+    tensor gets a shard of its own). `max_shard_bytes <= 0` means one shard."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and max_shard_bytes > 0 and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Write tensors, in the declared order, into `directory` as (sharded) safetensors plus an index."""
+
+    def __init__(self, directory: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = directory
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        n = len(self.shards)
+        self.file_names = (["model.safetensors"] if n == 1 else
+                           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._queue: Iterator[tuple[int, OutputTensor]] = ((i, t) for i, s in enumerate(self.shards) for t in s)
+        self._shard_index = -1
+        self._file: IO[bytes] | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard_index, expected = next(self._queue)
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
+            raise RuntimeError(f"writer expected {expected}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if shard_index != self._shard_index:
+            self._open_shard(shard_index)
+        assert self._file is not None
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+
+    def _open_shard(self, index: int) -> None:
+        self._close_file()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for t in self.shards[index]:
+            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        self._file = open(self.directory / self.file_names[index], "wb")  # noqa: SIM115
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._shard_index = index
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (for more than one shard)."""
+        if next(self._queue, None) is not None:
+            raise RuntimeError("writer closed before every planned tensor was written")
+        self._close_file()
+        if len(self.shards) > 1:
+            weight_map = {t.name: self.file_names[i] for i, s in enumerate(self.shards) for t in s}
+            total = sum(t.nbytes for s in self.shards for t in s)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        self._close_file()
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty OUT_DIR unless `overwrite`; a file in its place is always refused."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RecipeError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `out` only if the block completes.
+
+    On any error (or Ctrl-C) the temporary directory is removed and `out` is left as it was.
+    """
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,270 @@
+"""Which output tensor comes from which input tensors, with which parameters — before any weight is read.
+
+The plan is built from configs and safetensors headers only. Tensor names follow the Hugging Face
+decoder layout: `...layers.<i>.<rest>` are layer tensors (renumbered in the output when slices stack
+layers); the others are embeddings (before the layers, taken from the first slice) or final norm and
+lm_head (after, taken from the last slice), and sit at t = 0 on parameter gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from merge.errors import Problem, RecipeError
+from merge.io.checkpoint import Checkpoint
+from merge.io.writer import OutputTensor
+from merge.methods import REQUIRED, Method
+from merge.params import layer_position, resolve
+from merge.recipe import Parameters, Recipe
+
+LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..+)$")
+MAX_PROBLEMS = 8
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a tensor job: which model, which of its tensors, and its per-model parameters."""
+
+    model: str
+    tensor: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    output: OutputTensor
+    sources: tuple[Source, ...]
+    base_index: int | None
+    params: dict[str, Any]
+    t: float
+    copy_only: bool = False  # integer buffers are copied from the first source, never merged
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    reference: str  # the model whose config, generation config and (by default) tokenizer are used
+    jobs: list[TensorJob]
+    config: dict[str, Any]
+    num_layers: int
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _SliceSource:
+    model: str
+    start: int
+    end: int
+    params: Parameters | None
+    path: tuple
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_SliceSource, ...]
+    params: Parameters | None
+    base: str | None
+
+
+def num_layers(config: dict[str, Any]) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text = config.get("text_config")
+    return num_layers(text) if isinstance(text, dict) else None
+
+
+def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
+    """Plan every output tensor; raise RecipeError with all problems (file/line/field where possible)."""
+    problems: list[Problem] = []
+    method = recipe.method
+    reference = recipe.base_model or recipe.model_refs()[0]
+    _check_architectures(recipe, models, reference, problems)
+    slices = _slices(recipe, models, problems)
+    if problems:
+        raise RecipeError(problems=problems)
+
+    ref_tensors = models[slices[0].sources[0].model].tensors
+    layer_suffixes: dict[int, list[str]] = {}
+    outer: list[str] = []
+    for name in ref_tensors:
+        m = LAYER.match(name)
+        if m:
+            layer_suffixes.setdefault(int(m.group(2)), []).append(name)
+        else:
+            outer.append(name)
+    pre = sorted(n for n in outer if _is_embedding(n))
+    post = sorted(n for n in outer if not _is_embedding(n))
+
+    jobs: list[TensorJob] = []
+    for name in pre:
+        jobs += _job(recipe, method, models, slices[0], name, {s.model: name for s in slices[0].sources}, 0.0, problems)
+    out_layer = 0
+    for sl in slices:
+        length = sl.sources[0].end - sl.sources[0].start
+        for offset in range(length):
+            t = layer_position(offset, length)
+            first = sl.sources[0]
+            for ref_name in sorted(_layer_tensors(models[first.model], first.start + offset)):
+                m = LAYER.match(ref_name)
+                assert m
+                out_name = f"{m.group(1)}{out_layer}{m.group(3)}"
+                inputs = {s.model: f"{m.group(1)}{s.start + offset}{m.group(3)}" for s in sl.sources}
+                jobs += _job(recipe, method, models, sl, out_name, inputs, t, problems)
+            out_layer += 1
+    for name in post:
+        jobs += _job(recipe, method, models, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0,
+                     problems)
+    if problems:
+        extra = len(problems) - MAX_PROBLEMS
+        shown = problems[:MAX_PROBLEMS]
+        if extra > 0:
+            shown.append(Problem(f"... and {extra} more problem(s) of the same kind", recipe.source_file))
+        raise RecipeError(problems=shown)
+
+    config = _output_config(recipe, models[reference].config, slices, models, out_layer)
+    return MergePlan(recipe, reference, jobs, config, out_layer, list(models))
+
+
+def _is_embedding(name: str) -> bool:
+    return "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"])
+
+
+def _layer_tensors(model: Checkpoint, index: int) -> list[str]:
+    out = []
+    for name in model.tensors:
+        m = LAYER.match(name)
+        if m and int(m.group(2)) == index:
+            out.append(name)
+    return out
+
+
+def _check_architectures(recipe: Recipe, models: dict[str, Checkpoint], reference: str,
+                         problems: list[Problem]) -> None:
+    ref_arch = models[reference].config.get("architectures")
+    for ref, model in models.items():
+        arch = model.config.get("architectures")
+        if arch != ref_arch:
+            problems.append(Problem(f"model '{ref}' is {arch}, but '{reference}' is {ref_arch}: "
+                                    "only models of one architecture can be merged", recipe.source_file))
+
+
+def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Problem]) -> list[_Slice]:
+    """The recipe's inputs as slices (the `models:` form is one slice over every layer)."""
+    method = recipe.method
+
+    def layers_of(ref: str, path: tuple) -> int:
+        n = num_layers(models[ref].config)
+        if n is None:
+            problems.append(Problem(f"model '{ref}' has no num_hidden_layers in its config.json", **recipe.where(*path)))
+            return 0
+        return n
+
+    if recipe.models:
+        entries = [(m.model, m.parameters, ("models", i, "model")) for i, m in enumerate(recipe.models)]
+        if method.needs_base and recipe.base_model not in [e[0] for e in entries]:
+            entries.append((recipe.base_model, None, ("base_model",)))
+        counts = {ref: layers_of(ref, path) for ref, _, path in entries}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{ref}: {n}" for ref, n in counts.items())
+            problems.append(Problem(f"models differ in layer count ({detail}); use slices to pick layers",
+                                    **recipe.where("models")))
+        return [_Slice(tuple(_SliceSource(ref, 0, counts[ref], params, path) for ref, params, path in entries),
+                       None, recipe.base_model)]
+    out = []
+    for i, s in enumerate(recipe.slices or []):
+        sources = []
+        for j, src in enumerate(s.sources):
+            path = ("slices", i, "sources", j, "layer_range")
+            n = layers_of(src.model, path)
+            start, end = src.layer_range
+            if n and end > n:
+                problems.append(Problem(f"layer_range [{start}, {end}] is out of bounds: model '{src.model}' has "
+                                        f"{n} layers (0..{n - 1})", **recipe.where(*path)))
+            sources.append(_SliceSource(src.model, start, end, src.parameters, path))
+        out.append(_Slice(tuple(sources), s.parameters, s.base_model or recipe.base_model))
+    return out
+
+
+def _job(recipe: Recipe, method: Method, models: dict[str, Checkpoint], sl: _Slice, out_name: str,
+         inputs: dict[str, str], t: float, problems: list[Problem]) -> list[TensorJob]:
+    """One output tensor's job (or none, with problems recorded)."""
+    found = []
+    for s in sl.sources:
+        info = models[s.model].tensors.get(inputs[s.model])
+        if info is None:
+            problems.append(Problem(f"model '{s.model}' has no tensor '{inputs[s.model]}'", **recipe.where(*s.path)))
+            return []
+        found.append(info)
+    shapes = {info.shape for info in found}
+    if len(shapes) > 1:
+        detail = ", ".join(f"'{s.model}' {list(info.shape)}" for s, info in zip(sl.sources, found))
+        problems.append(Problem(f"tensor '{out_name}' has different shapes: {detail}", recipe.source_file))
+        return []
+    first = found[0]
+    base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
+    if not first.dtype.is_floating_point:
+        output = OutputTensor(out_name, first.dtype, first.shape)
+        return [TensorJob(output, tuple(Source(s.model, inputs[s.model], {}) for s in sl.sources[:1]), None, {}, t,
+                          copy_only=True)]
+
+    shared_scopes = (sl.params, recipe.parameters)
+    params: dict[str, Any] = {}
+    for spec in method.params:
+        if spec.per_model:
+            continue
+        value = resolve(spec.name, spec.type, shared_scopes, out_name, t)
+        params[spec.name] = spec.default if value is None else value
+        if params[spec.name] is REQUIRED:
+            problems.append(Problem(f"parameter '{spec.name}' has no value for tensor '{out_name}' "
+                                    "(no filter matches it and there is no default entry)", recipe.source_file))
+            return []
+    sources = []
+    for s in sl.sources:
+        own: dict[str, Any] = {}
+        for spec in method.params:
+            if not spec.per_model or (s.model == sl.base and not spec.base_too):
+                continue
+            value = resolve(spec.name, spec.type, (s.params, sl.params, recipe.parameters), inputs[s.model], t)
+            own[spec.name] = spec.default if value is None else value
+            if own[spec.name] is REQUIRED:
+                problems.append(Problem(f"parameter '{spec.name}' of model '{s.model}' has no value for tensor "
+                                        f"'{inputs[s.model]}' (no filter matches it)", **recipe.where(*s.path[:-1])))
+                return []
+        sources.append(Source(s.model, inputs[s.model], own))
+    if params.get("normalize") and method.param("weight"):
+        weights = [src.params["weight"] for src in sources if "weight" in src.params]
+        if weights and sum(weights) == 0:
+            problems.append(Problem(f"the weights of tensor '{out_name}' sum to zero, so normalize would divide "
+                                    "by zero (set normalize: false or change the weights)",
+                                    **recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file}))
+            return []
+    dtype = recipe.output_dtype or first.dtype
+    return [TensorJob(OutputTensor(out_name, dtype, first.shape), tuple(sources), base_index, params, t)]
+
+
+def _output_config(recipe: Recipe, reference: dict[str, Any], slices: list[_Slice], models: dict[str, Checkpoint],
+                   total_layers: int) -> dict[str, Any]:
+    config = copy.deepcopy(reference)
+    target = config["text_config"] if "num_hidden_layers" not in config and "text_config" in config else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in target:
+            target[key] = total_layers
+    if isinstance(target.get("layer_types"), list):
+        types: list[Any] = []
+        for sl in slices:
+            src = sl.sources[0]
+            src_types = models[src.model].config.get("layer_types") or target["layer_types"]
+            types += src_types[src.start:src.end]
+        target["layer_types"] = types
+    dtype = recipe.out_dtype or recipe.dtype
+    if dtype:
+        from merge.recipe import DTYPES
+
+        name = str(DTYPES[dtype]).removeprefix("torch.")
+        config["torch_dtype"] = name  # transformers 4 reads this key
+        config["dtype"] = name  # transformers 5 reads this one
+    return config

@@ -1,0 +1,276 @@
+"""The recipe schema (mergekit's YAML format) and its validation, with file/line/field in every error."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from merge.errors import Problem, RecipeError, did_you_mean
+from merge.methods import METHODS, REQUIRED, Method
+from merge.params import check_setting, convert
+from merge.yamlfile import Path_, field_name, line_of, load_yaml, validate_model
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+Parameters = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Parameters | None = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
+class Recipe(_Strict):
+    """A merge recipe. Either `models` or `slices`; see docs/recipes.md for every field."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    # where it came from, for error messages (not part of the YAML)
+    source_file: Path | None = Field(default=None, exclude=True)
+    lines: dict[Path_, int] = Field(default_factory=dict, exclude=True, repr=False)
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self.merge_method]
+
+    @property
+    def merge_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    @property
+    def output_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.out_dtype] if self.out_dtype else self.merge_dtype
+
+    def where(self, *path: str | int) -> dict[str, Any]:
+        """file/line/field keyword arguments for an error about `path`."""
+        return {"file": self.source_file, "line": line_of(self.lines, path), "field": field_name(path)}
+
+    def model_refs(self) -> list[str]:
+        """Every model the recipe names, base first, without duplicates."""
+        refs = [self.base_model] if self.base_model else []
+        if self.models:
+            refs += [m.model for m in self.models]
+        for s in self.slices or []:
+            refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe file (schema, method, parameters, dtypes). Raises RecipeError listing every
+    problem found, each with file, line and field. Reads no model."""
+    data, lines = load_yaml(path)
+    recipe = validate_model(Recipe, data, path, lines)
+    assert isinstance(recipe, Recipe)
+    recipe.source_file = Path(path)
+    recipe.lines = lines
+    problems = check_recipe(recipe)
+    if problems:
+        raise RecipeError(problems=problems)
+    return recipe
+
+
+def check_recipe(r: Recipe) -> list[Problem]:
+    """Everything that can be checked without opening a model."""
+    out: list[Problem] = []
+
+    def problem(message: str, *path: str | int) -> None:
+        out.append(Problem(message, **r.where(*path)))
+
+    if r.merge_method not in METHODS:
+        problem(f"unknown merge method '{r.merge_method}'{did_you_mean(r.merge_method, METHODS)}; "
+                f"known: {', '.join(METHODS)}", "merge_method")
+        return out
+    method = r.method
+    for key in ("dtype", "out_dtype"):
+        value = getattr(r, key)
+        if value is not None and value not in DTYPES:
+            problem(f"unknown dtype '{value}'{did_you_mean(value, DTYPES)}; use bfloat16, float16 or float32", key)
+    if bool(r.models) == bool(r.slices):
+        problem("give either 'models' or 'slices' (exactly one of them)", "models" if r.models else "merge_method")
+        return out
+    for ref, path in _model_ref_paths(r):
+        if not (Path(ref).expanduser().exists() or HUB_ID.match(ref)):
+            problem(f"model '{ref}' is neither an existing directory nor a hub id (org/name[@revision])", *path)
+    if r.tokenizer_source not in (None, "base") and r.tokenizer_source not in r.model_refs():
+        if r.tokenizer_source == "union":
+            problem("tokenizer_source 'union' is not supported yet; use 'base' or one of the recipe's models",
+                    "tokenizer_source")
+        else:
+            problem("tokenizer_source must be 'base' or one of the recipe's models", "tokenizer_source")
+
+    if r.chat_template and r.chat_template != "chatml" and "{" not in r.chat_template:
+        problem("chat_template must be 'chatml' or a Jinja template string", "chat_template")
+    if method.needs_base and not r.base_model and not all(s.base_model for s in r.slices or []):
+        problem(f"{method.name} needs a base_model", "merge_method")
+
+    # inputs per output slice, for the method's input count
+    groups: list[tuple[list[str], str | None, tuple]] = []
+    if r.models:
+        refs = [m.model for m in r.models]
+        if r.base_model and method.needs_base and r.base_model not in refs:
+            refs.append(r.base_model)
+        groups.append((refs, r.base_model, ("models",)))
+    for i, s in enumerate(r.slices or []):
+        groups.append(([src.model for src in s.sources], s.base_model or r.base_model, ("slices", i, "sources")))
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+        if len(lengths) > 1:
+            problem("all sources of a slice must span the same number of layers", "slices", i, "sources")
+    for refs, base, path in groups:
+        n = len(set(refs))
+        if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+            wanted = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
+                      else f"at most {method.max_inputs}" if method.max_inputs else f"at least {method.min_inputs}")
+            problem(f"{method.name} takes {wanted} model(s) (base included), got {n}", *path)
+        if method.needs_base and base and base not in refs:
+            problem(f"the base model '{base}' must be one of the inputs here", *path)
+
+    # parameter names and value shapes, in every place parameters may be set
+    for params, path, per_model in _parameter_blocks(r):
+        for name, value in params.items():
+            spec = method.param(name)
+            where = (*path, name)
+            if spec is None:
+                known = [p.name for p in method.params]
+                problem(f"'{method.name}' has no parameter '{name}'{did_you_mean(name, known)}"
+                        f" (it takes: {', '.join(known) or 'none'})", *where)
+                continue
+            if per_model and not spec.per_model:
+                problem(f"'{name}' applies to the whole merge; set it under the slice's or the global "
+                        "'parameters', not a model's", *where)
+                continue
+            malformed = check_setting(value)
+            if malformed:
+                problem(malformed, *where)
+                continue
+            bad = _first_bad_value(value, spec.type)
+            if bad:
+                problem(bad, *where)
+            elif name == "density" and any(not 0 < v <= 1 for v in _numbers(value)):
+                problem("density must be in (0, 1]", *where)
+    out += _check_required(r, method)
+    return out
+
+
+def _model_ref_paths(r: Recipe) -> list[tuple[str, tuple]]:
+    found: list[tuple[str, tuple]] = []
+    if r.base_model:
+        found.append((r.base_model, ("base_model",)))
+    for i, m in enumerate(r.models or []):
+        found.append((m.model, ("models", i, "model")))
+    for i, s in enumerate(r.slices or []):
+        if s.base_model:
+            found.append((s.base_model, ("slices", i, "base_model")))
+        for j, src in enumerate(s.sources):
+            found.append((src.model, ("slices", i, "sources", j, "model")))
+    return found
+
+
+def _parameter_blocks(r: Recipe) -> list[tuple[Parameters, tuple, bool]]:
+    """(parameters, path, is a per-model block) for every parameters block of the recipe."""
+    blocks: list[tuple[Parameters, tuple, bool]] = []
+    if r.parameters:
+        blocks.append((r.parameters, ("parameters",), False))
+    for i, m in enumerate(r.models or []):
+        if m.parameters:
+            blocks.append((m.parameters, ("models", i, "parameters"), True))
+    for i, s in enumerate(r.slices or []):
+        if s.parameters:
+            blocks.append((s.parameters, ("slices", i, "parameters"), False))
+        for j, src in enumerate(s.sources):
+            if src.parameters:
+                blocks.append((src.parameters, ("slices", i, "sources", j, "parameters"), True))
+    return blocks
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return _leaves(value["value"])
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _first_bad_value(value: Any, kind: type) -> str | None:
+    for leaf in _leaves(value):
+        try:
+            convert(leaf, kind)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _numbers(value: Any) -> list[float]:
+    return [convert(leaf, float) for leaf in _leaves(value)]
+
+
+def _check_required(r: Recipe, method: Method) -> list[Problem]:
+    """A required parameter must be set somewhere that reaches every input that needs it."""
+    out = []
+    global_params = r.parameters or {}
+    for spec in method.params:
+        if spec.default is not REQUIRED:
+            continue
+        if not spec.per_model:
+            slices = r.slices or [None]
+            for i, s in enumerate(slices):
+                if spec.name not in global_params and not (s and s.parameters and spec.name in s.parameters):
+                    path = ("slices", i) if s else ("parameters",) if r.parameters else ("merge_method",)
+                    out.append(Problem(f"{method.name} needs parameter '{spec.name}' (set it under 'parameters')",
+                                       **r.where(*path)))
+            continue
+        inputs: list[tuple[str, Parameters | None, Parameters | None, tuple, str | None]] = []
+        for i, m in enumerate(r.models or []):
+            inputs.append((m.model, m.parameters, None, ("models", i), r.base_model))
+        for i, s in enumerate(r.slices or []):
+            for j, src in enumerate(s.sources):
+                inputs.append((src.model, src.parameters, s.parameters, ("slices", i, "sources", j),
+                               s.base_model or r.base_model))
+        for ref, own, slice_params, path, base in inputs:
+            if ref == base and not spec.base_too:
+                continue
+            if not any(p and spec.name in p for p in (own, slice_params, global_params)):
+                out.append(Problem(f"{method.name} needs parameter '{spec.name}' for model '{ref}'",
+                                   **r.where(*path)))
+    return out
