@@ -142,7 +142,7 @@ def check_recipe(r: Recipe) -> list[Problem]:
 
     if r.chat_template and r.chat_template != "chatml" and "{" not in r.chat_template:
         problem("chat_template must be 'chatml' or a Jinja template string", "chat_template")
-    if method.needs_base and not r.base_model and not all(s.base_model for s in r.slices or []):
+    if method.needs_base and not (r.base_model or (r.slices and all(s.base_model for s in r.slices))):
         problem(f"{method.name} needs a base_model", "merge_method")
 
     # inputs per output slice, for the method's input count

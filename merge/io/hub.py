@@ -10,9 +10,12 @@ Offline (no network, or HF_HUB_OFFLINE=1) a reference that is not cached fails a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from merge.errors import RecipeError
 from merge.io.checkpoint import Checkpoint, tensors_from_header
@@ -53,12 +56,29 @@ def open_model(ref: str, *, weights: bool = True) -> Checkpoint:
     return _open_headers(ref)
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint, so an offline machine fails in seconds instead of
+    sitting through huggingface_hub's retries. False also when HF_HUB_OFFLINE is set."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _download(ref: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     repo, revision = split_ref(ref)
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+                                      local_files_only=not hub_reachable()))
     except Exception as exc:  # network, auth, missing repo: all user-facing
         raise _hub_error(ref, exc) from None
 
@@ -68,6 +88,8 @@ def _open_headers(ref: str) -> Checkpoint:
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
     repo, revision = split_ref(ref)
+    if not hub_reachable():  # headers need the network; a cached snapshot has the real files
+        return Checkpoint.open(ref, _download(ref, META_PATTERNS + WEIGHT_PATTERNS))
     try:
         config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
         metadata = get_safetensors_metadata(repo, revision=revision)
