@@ -32,46 +32,99 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medmerge.tiny import build_model, build_tokenizer, perturbed_copy  # noqa: E402
 from merge.methods.task_arithmetic import _top_k_magnitude_mask  # noqa: E402
 from merge.recipe import DTYPES  # noqa: E402
 from merge.run import run_merge  # noqa: E402
-from medmerge.tiny import build_model, build_tokenizer, perturbed_copy  # noqa: E402
 
 
 def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
-    slerp_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-               {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
-    three = [{"model": base, "parameters": {"weight": 0.5}}, {"model": ft1, "parameters": {"weight": 0.3}},
-             {"model": ft2, "parameters": {"weight": 0.2}}]
-    two_ft = [{"model": base}, {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
-              {"model": ft2, "parameters": {"weight": 0.3, "density": 0.7}}]
+    slerp_t = [
+        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+        {"value": 0.5},
+    ]
+    three = [
+        {"model": base, "parameters": {"weight": 0.5}},
+        {"model": ft1, "parameters": {"weight": 0.3}},
+        {"model": ft2, "parameters": {"weight": 0.2}},
+    ]
+    two_ft = [
+        {"model": base},
+        {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": ft2, "parameters": {"weight": 0.3, "density": 0.7}},
+    ]
     layers = 4
     return {
         "linear": {"merge_method": "linear", "models": three, "dtype": "bfloat16"},
-        "linear_unnormalized_fp32": {"merge_method": "linear", "models": three, "parameters": {"normalize": False},
-                                     "dtype": "float32"},
-        "slerp_gradient": {"merge_method": "slerp", "base_model": base, "dtype": "bfloat16",
-                           "slices": [{"sources": [{"model": base, "layer_range": [0, layers]},
-                                                   {"model": ft1, "layer_range": [0, layers]}]}],
-                           "parameters": {"t": slerp_t}},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": two_ft,
-                            "parameters": {"lambda": 0.8, "normalize": True}, "dtype": "bfloat16"},
-        "ties": {"merge_method": "ties", "base_model": base, "models": two_ft,
-                 "parameters": {"normalize": True, "int8_mask": True}, "dtype": "bfloat16"},
-        "ties_fp32_lambda": {"merge_method": "ties", "base_model": base, "models": two_ft,
-                             "parameters": {"normalize": False, "lambda": 1.5}, "dtype": "float32"},
-        "dare_ties_density1": {"merge_method": "dare_ties", "base_model": base, "dtype": "bfloat16",
-                               "models": [{"model": base}, {"model": ft1, "parameters": {"weight": 0.6}},
-                                          {"model": ft2, "parameters": {"weight": 0.4}}]},
-        "dare_linear_density1": {"merge_method": "dare_linear", "base_model": base, "dtype": "bfloat16",
-                                 "models": [{"model": ft1, "parameters": {"weight": 0.6}},
-                                            {"model": ft2, "parameters": {"weight": 0.4}}],
-                                 "parameters": {"normalize": True}},
-        "passthrough_stack": {"merge_method": "passthrough", "dtype": "bfloat16",
-                              "slices": [{"sources": [{"model": base, "layer_range": [0, 3]}]},
-                                         {"sources": [{"model": ft1, "layer_range": [1, 4]}]}]},
-        "ties_out_fp16": {"merge_method": "ties", "base_model": base, "models": two_ft, "dtype": "float32",
-                          "out_dtype": "float16"},
+        "linear_unnormalized_fp32": {
+            "merge_method": "linear",
+            "models": three,
+            "parameters": {"normalize": False},
+            "dtype": "float32",
+        },
+        "slerp_gradient": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, layers]}, {"model": ft1, "layer_range": [0, layers]}]}
+            ],
+            "parameters": {"t": slerp_t},
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": two_ft,
+            "parameters": {"lambda": 0.8, "normalize": True},
+            "dtype": "bfloat16",
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": two_ft,
+            "parameters": {"normalize": True, "int8_mask": True},
+            "dtype": "bfloat16",
+        },
+        "ties_fp32_lambda": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": two_ft,
+            "parameters": {"normalize": False, "lambda": 1.5},
+            "dtype": "float32",
+        },
+        "dare_ties_density1": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "models": [
+                {"model": base},
+                {"model": ft1, "parameters": {"weight": 0.6}},
+                {"model": ft2, "parameters": {"weight": 0.4}},
+            ],
+        },
+        "dare_linear_density1": {
+            "merge_method": "dare_linear",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "models": [{"model": ft1, "parameters": {"weight": 0.6}}, {"model": ft2, "parameters": {"weight": 0.4}}],
+            "parameters": {"normalize": True},
+        },
+        "passthrough_stack": {
+            "merge_method": "passthrough",
+            "dtype": "bfloat16",
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, 3]}]},
+                {"sources": [{"model": ft1, "layer_range": [1, 4]}]},
+            ],
+        },
+        "ties_out_fp16": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": two_ft,
+            "dtype": "float32",
+            "out_dtype": "float16",
+        },
     }
 
 
@@ -136,8 +189,11 @@ def compare(name: str, recipe: dict, ours: Path, theirs: Path, model_dirs: dict[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mergekit-python", default=os.environ.get("MEDMERGE_MERGEKIT_PYTHON"),
-                        help="python of a venv with mergekit 0.1.5 installed ($MEDMERGE_MERGEKIT_PYTHON)")
+    parser.add_argument(
+        "--mergekit-python",
+        default=os.environ.get("MEDMERGE_MERGEKIT_PYTHON"),
+        help="python of a venv with mergekit 0.1.5 installed ($MEDMERGE_MERGEKIT_PYTHON)",
+    )
     parser.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--only", nargs="*", help="recipe names to run")
@@ -147,13 +203,16 @@ def main() -> int:
     outcomes = run_comparison(Path(args.mergekit_python), args.work, args.hidden, args.only)
     print(f"{'recipe':28} {'tensors':>7} {'elements':>10} {'differ':>7} {'explained':>9} {'max |diff|':>10}")
     for o in outcomes:
-        print(f"{o.name:28} {o.tensors:7d} {o.elements:10d} {o.differing:7d} {o.explained:9d} {o.max_abs:10.3g}"
-              f"  {'ok' if o.ok else 'UNEXPLAINED'}")
+        print(
+            f"{o.name:28} {o.tensors:7d} {o.elements:10d} {o.differing:7d} {o.explained:9d} {o.max_abs:10.3g}"
+            f"  {'ok' if o.ok else 'UNEXPLAINED'}"
+        )
     return 0 if all(o.ok for o in outcomes) else 1
 
 
-def run_comparison(mergekit_python: Path, work: Path | None, hidden: int = 128,
-                   only: list[str] | None = None) -> list[Outcome]:
+def run_comparison(
+    mergekit_python: Path, work: Path | None, hidden: int = 128, only: list[str] | None = None
+) -> list[Outcome]:
     work = work or Path(tempfile.mkdtemp(prefix="medmerge-vs-mergekit-"))
     work.mkdir(parents=True, exist_ok=True)
     dirs = {n: work / n for n in ("base", "ft1", "ft2")}
@@ -173,8 +232,11 @@ def run_comparison(mergekit_python: Path, work: Path | None, hidden: int = 128,
         ours, theirs = work / "out" / name / "medmerge", work / "out" / name / "mergekit"
         shutil.rmtree(theirs, ignore_errors=True)
         run_merge(path, ours, overwrite=True)
-        subprocess.run([str(mergekit_yaml), str(path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(mergekit_yaml), str(path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
+            check=True,
+            capture_output=True,
+        )
         outcomes.append(compare(name, recipe, ours, theirs, model_dirs))
     return outcomes
 

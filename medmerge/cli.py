@@ -24,18 +24,32 @@ def parse_size(text: str) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from merge.run import run_merge
     from medmerge.console import describe_plan, progress_bar
+    from merge.run import run_merge
 
     with progress_bar(f"merging {Path(args.recipe).name}", enabled=not (args.quiet or args.dry_run)) as progress:
         result = run_merge(
-            args.recipe, args.out_dir, device=args.device, shard_bytes=args.out_shard_size, seed=args.seed,
-            overwrite=args.overwrite, dry_run=args.dry_run, progress=progress,
+            args.recipe,
+            args.out_dir,
+            device=args.device,
+            shard_bytes=args.out_shard_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=progress,
         )
     if args.dry_run:
         print(describe_plan(result.plan))
     elif not args.quiet:
         print(f"wrote {result.out_dir} ({len(result.plan.jobs)} tensors, {result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medmerge.demo import run_demo
+
+    report = run_demo(Path(args.dir))
+    print(f"report: {report}")
     return 0
 
 
@@ -45,22 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = sub.add_parser("merge", help="merge the models of a YAML recipe into a Hugging Face model directory",
-                           description="Merge the models of a mergekit-format YAML recipe; OUT_DIR is written "
-                                       "atomically and loads with `lm_eval --model hf --model_args pretrained=OUT_DIR`.")
+    merge = sub.add_parser(
+        "merge",
+        help="merge the models of a YAML recipe into a Hugging Face model directory",
+        description="Merge the models of a mergekit-format YAML recipe; OUT_DIR is written "
+        "atomically and loads with `lm_eval --model hf --model_args pretrained=OUT_DIR`.",
+    )
     merge.add_argument("recipe", help="the recipe YAML file")
     merge.add_argument("out_dir", help="output model directory (created; must be empty unless --overwrite)")
     merge.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
-    merge.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
-                       help="largest output shard in bytes, e.g. 2GB, 500MB, 4GiB (default 5GB)")
-    merge.add_argument("--seed", type=int, default=0,
-                       help="seed of DARE's random masks; each tensor's mask depends only on (seed, tensor name) "
-                            "(default 0)")
+    merge.add_argument(
+        "--out-shard-size",
+        type=parse_size,
+        default=parse_size("5GB"),
+        metavar="SIZE",
+        help="largest output shard in bytes, e.g. 2GB, 500MB, 4GiB (default 5GB)",
+    )
+    merge.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of DARE's random masks; each tensor's mask depends only on (seed, tensor name) (default 0)",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    merge.add_argument("--dry-run", action="store_true",
-                       help="validate the recipe and the models' configs/headers and print the plan; read no weights")
+    merge.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe and the models' configs/headers and print the plan; read no weights",
+    )
     merge.set_defaults(func=cmd_merge)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole loop offline on tiny models: build, merge, lm-eval, report",
+        description="Build tiny models, merge them (SLERP, TIES, DARE-TIES), evaluate them with "
+        "lm-eval and write a report. Needs no network.",
+    )
+    demo.add_argument("dir", nargs="?", default="medmerge-demo", help="work directory (default: ./medmerge-demo)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

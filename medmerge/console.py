@@ -16,10 +16,23 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Progress | 
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("[dim]{task.fields[label]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[label]}"),
+    )
     bar = Progress(*columns, console=Console(stderr=True))
     task = None
 
@@ -45,13 +58,15 @@ def describe_plan(plan: MergePlan) -> str:
         f"models      {', '.join(plan.models)}",
         f"base        {recipe.base_model or '-'}",
         f"output      {plan.num_layers} layers, {len(plan.jobs)} tensors, "
-        f"{sum(j.output.nbytes for j in plan.jobs) / 1e9:.3f} GB, dtype {recipe.out_dtype or recipe.dtype or 'as input'}",
+        f"{sum(j.output.nbytes for j in plan.jobs) / 1e9:.3f} GB, "
+        f"dtype {recipe.out_dtype or recipe.dtype or 'as input'}",
         "",
     ]
     for job in plan.jobs:
         shared = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
         inputs = ", ".join(
-            f"{s.model}" + (f"[{s.tensor}]" if s.tensor != job.output.name else "")
+            f"{s.model}"
+            + (f"[{s.tensor}]" if s.tensor != job.output.name else "")
             + ("" if not s.params else " (" + " ".join(f"{k}={_fmt(v)}" for k, v in s.params.items()) + ")")
             for s in job.sources
         )

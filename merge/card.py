@@ -59,15 +59,24 @@ def model_card(plan: MergePlan, recipe_text: str, seed: int) -> str:
     paper = PAPERS.get(method.name)
     method_line = f"[{method.name}]({paper})" if paper else method.name
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-        f"# {recipe.name or (recipe.source_file.stem if recipe.source_file else 'merged model')}", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {recipe.name or (recipe.source_file.stem if recipe.source_file else 'merged model')}",
+        "",
         f"A merge of pre-trained language models made with medmerge, using the {method_line} method "
-        f"({method.summary}).", "",
+        f"({method.summary}).",
+        "",
     ]
     if recipe.base_model:
         lines += [f"Base model: `{recipe.base_model}`.", ""]
     lines += ["## Models merged", ""] + [f"- `{m}`" for m in plan.models] + [""]
-    lines += [f"{len(plan.jobs)} tensors, {plan.num_layers} layers"
-              + (f", random seed {seed}" if method.random else "") + ".", ""]
+    lines += [
+        f"{len(plan.jobs)} tensors, {plan.num_layers} layers"
+        + (f", random seed {seed}" if method.random else "")
+        + ".",
+        "",
+    ]
     lines += ["## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

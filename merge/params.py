@@ -94,9 +94,7 @@ def convert(value: Any, kind: type) -> Any:
         raise ValueError(f"expected a number, got {value!r}") from None
 
 
-def resolve(
-    name: str, kind: type, scopes: Iterable[Mapping[str, Any] | None], tensor_name: str, t: float
-) -> Any:
+def resolve(name: str, kind: type, scopes: Iterable[Mapping[str, Any] | None], tensor_name: str, t: float) -> Any:
     """The first value a scope in `scopes` (highest precedence first) gives for `name`, or None."""
     for scope in scopes:
         if scope and name in scope:

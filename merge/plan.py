@@ -116,8 +116,9 @@ def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
                 jobs += _job(recipe, method, models, sl, out_name, inputs, t, problems)
             out_layer += 1
     for name in post:
-        jobs += _job(recipe, method, models, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0,
-                     problems)
+        jobs += _job(
+            recipe, method, models, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0, problems
+        )
     if problems:
         extra = len(problems) - MAX_PROBLEMS
         shown = problems[:MAX_PROBLEMS]
@@ -142,14 +143,20 @@ def _layer_tensors(model: Checkpoint, index: int) -> list[str]:
     return out
 
 
-def _check_architectures(recipe: Recipe, models: dict[str, Checkpoint], reference: str,
-                         problems: list[Problem]) -> None:
+def _check_architectures(
+    recipe: Recipe, models: dict[str, Checkpoint], reference: str, problems: list[Problem]
+) -> None:
     ref_arch = models[reference].config.get("architectures")
     for ref, model in models.items():
         arch = model.config.get("architectures")
         if arch != ref_arch:
-            problems.append(Problem(f"model '{ref}' is {arch}, but '{reference}' is {ref_arch}: "
-                                    "only models of one architecture can be merged", recipe.source_file))
+            problems.append(
+                Problem(
+                    f"model '{ref}' is {arch}, but '{reference}' is {ref_arch}: "
+                    "only models of one architecture can be merged",
+                    recipe.source_file,
+                )
+            )
 
 
 def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Problem]) -> list[_Slice]:
@@ -159,7 +166,9 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
     def layers_of(ref: str, path: tuple) -> int:
         n = num_layers(models[ref].config)
         if n is None:
-            problems.append(Problem(f"model '{ref}' has no num_hidden_layers in its config.json", **recipe.where(*path)))
+            problems.append(
+                Problem(f"model '{ref}' has no num_hidden_layers in its config.json", **recipe.where(*path))
+            )
             return 0
         return n
 
@@ -170,10 +179,16 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
         counts = {ref: layers_of(ref, path) for ref, _, path in entries}
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{ref}: {n}" for ref, n in counts.items())
-            problems.append(Problem(f"models differ in layer count ({detail}); use slices to pick layers",
-                                    **recipe.where("models")))
-        return [_Slice(tuple(_SliceSource(ref, 0, counts[ref], params, path) for ref, params, path in entries),
-                       None, recipe.base_model)]
+            problems.append(
+                Problem(f"models differ in layer count ({detail}); use slices to pick layers", **recipe.where("models"))
+            )
+        return [
+            _Slice(
+                tuple(_SliceSource(ref, 0, counts[ref], params, path) for ref, params, path in entries),
+                None,
+                recipe.base_model,
+            )
+        ]
     out = []
     for i, s in enumerate(recipe.slices or []):
         sources = []
@@ -182,15 +197,28 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
             n = layers_of(src.model, path)
             start, end = src.layer_range
             if n and end > n:
-                problems.append(Problem(f"layer_range [{start}, {end}] is out of bounds: model '{src.model}' has "
-                                        f"{n} layers (0..{n - 1})", **recipe.where(*path)))
+                problems.append(
+                    Problem(
+                        f"layer_range [{start}, {end}] is out of bounds: model '{src.model}' has "
+                        f"{n} layers (0..{n - 1})",
+                        **recipe.where(*path),
+                    )
+                )
             sources.append(_SliceSource(src.model, start, end, src.parameters, path))
         out.append(_Slice(tuple(sources), s.parameters, s.base_model or recipe.base_model))
     return out
 
 
-def _job(recipe: Recipe, method: Method, models: dict[str, Checkpoint], sl: _Slice, out_name: str,
-         inputs: dict[str, str], t: float, problems: list[Problem]) -> list[TensorJob]:
+def _job(
+    recipe: Recipe,
+    method: Method,
+    models: dict[str, Checkpoint],
+    sl: _Slice,
+    out_name: str,
+    inputs: dict[str, str],
+    t: float,
+    problems: list[Problem],
+) -> list[TensorJob]:
     """One output tensor's job (or none, with problems recorded)."""
     found = []
     for s in sl.sources:
@@ -208,8 +236,11 @@ def _job(recipe: Recipe, method: Method, models: dict[str, Checkpoint], sl: _Sli
     base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
     if not first.dtype.is_floating_point:
         output = OutputTensor(out_name, first.dtype, first.shape)
-        return [TensorJob(output, tuple(Source(s.model, inputs[s.model], {}) for s in sl.sources[:1]), None, {}, t,
-                          copy_only=True)]
+        return [
+            TensorJob(
+                output, tuple(Source(s.model, inputs[s.model], {}) for s in sl.sources[:1]), None, {}, t, copy_only=True
+            )
+        ]
 
     shared_scopes = (sl.params, recipe.parameters)
     params: dict[str, Any] = {}
@@ -219,8 +250,13 @@ def _job(recipe: Recipe, method: Method, models: dict[str, Checkpoint], sl: _Sli
         value = resolve(spec.name, spec.type, shared_scopes, out_name, t)
         params[spec.name] = spec.default if value is None else value
         if params[spec.name] is REQUIRED:
-            problems.append(Problem(f"parameter '{spec.name}' has no value for tensor '{out_name}' "
-                                    "(no filter matches it and there is no default entry)", recipe.source_file))
+            problems.append(
+                Problem(
+                    f"parameter '{spec.name}' has no value for tensor '{out_name}' "
+                    "(no filter matches it and there is no default entry)",
+                    recipe.source_file,
+                )
+            )
             return []
     sources = []
     for s in sl.sources:
@@ -231,23 +267,33 @@ def _job(recipe: Recipe, method: Method, models: dict[str, Checkpoint], sl: _Sli
             value = resolve(spec.name, spec.type, (s.params, sl.params, recipe.parameters), inputs[s.model], t)
             own[spec.name] = spec.default if value is None else value
             if own[spec.name] is REQUIRED:
-                problems.append(Problem(f"parameter '{spec.name}' of model '{s.model}' has no value for tensor "
-                                        f"'{inputs[s.model]}' (no filter matches it)", **recipe.where(*s.path[:-1])))
+                problems.append(
+                    Problem(
+                        f"parameter '{spec.name}' of model '{s.model}' has no value for tensor "
+                        f"'{inputs[s.model]}' (no filter matches it)",
+                        **recipe.where(*s.path[:-1]),
+                    )
+                )
                 return []
         sources.append(Source(s.model, inputs[s.model], own))
     if params.get("normalize") and method.param("weight"):
         weights = [src.params["weight"] for src in sources if "weight" in src.params]
         if weights and sum(weights) == 0:
-            problems.append(Problem(f"the weights of tensor '{out_name}' sum to zero, so normalize would divide "
-                                    "by zero (set normalize: false or change the weights)",
-                                    **recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file}))
+            problems.append(
+                Problem(
+                    f"the weights of tensor '{out_name}' sum to zero, so normalize would divide "
+                    "by zero (set normalize: false or change the weights)",
+                    **recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file},
+                )
+            )
             return []
     dtype = recipe.output_dtype or first.dtype
     return [TensorJob(OutputTensor(out_name, dtype, first.shape), tuple(sources), base_index, params, t)]
 
 
-def _output_config(recipe: Recipe, reference: dict[str, Any], slices: list[_Slice], models: dict[str, Checkpoint],
-                   total_layers: int) -> dict[str, Any]:
+def _output_config(
+    recipe: Recipe, reference: dict[str, Any], slices: list[_Slice], models: dict[str, Checkpoint], total_layers: int
+) -> dict[str, Any]:
     config = copy.deepcopy(reference)
     target = config["text_config"] if "num_hidden_layers" not in config and "text_config" in config else config
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -258,7 +304,7 @@ def _output_config(recipe: Recipe, reference: dict[str, Any], slices: list[_Slic
         for sl in slices:
             src = sl.sources[0]
             src_types = models[src.model].config.get("layer_types") or target["layer_types"]
-            types += src_types[src.start:src.end]
+            types += src_types[src.start : src.end]
         target["layer_types"] = types
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:

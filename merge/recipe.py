@@ -15,9 +15,14 @@ from merge.params import check_setting, convert
 from merge.yamlfile import Path_, field_name, line_of, load_yaml, validate_model
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -119,8 +124,11 @@ def check_recipe(r: Recipe) -> list[Problem]:
         out.append(Problem(message, **r.where(*path)))
 
     if r.merge_method not in METHODS:
-        problem(f"unknown merge method '{r.merge_method}'{did_you_mean(r.merge_method, METHODS)}; "
-                f"known: {', '.join(METHODS)}", "merge_method")
+        problem(
+            f"unknown merge method '{r.merge_method}'{did_you_mean(r.merge_method, METHODS)}; "
+            f"known: {', '.join(METHODS)}",
+            "merge_method",
+        )
         return out
     method = r.method
     for key in ("dtype", "out_dtype"):
@@ -135,8 +143,10 @@ def check_recipe(r: Recipe) -> list[Problem]:
             problem(f"model '{ref}' is neither an existing directory nor a hub id (org/name[@revision])", *path)
     if r.tokenizer_source not in (None, "base") and r.tokenizer_source not in r.model_refs():
         if r.tokenizer_source == "union":
-            problem("tokenizer_source 'union' is not supported yet; use 'base' or one of the recipe's models",
-                    "tokenizer_source")
+            problem(
+                "tokenizer_source 'union' is not supported yet; use 'base' or one of the recipe's models",
+                "tokenizer_source",
+            )
         else:
             problem("tokenizer_source must be 'base' or one of the recipe's models", "tokenizer_source")
 
@@ -160,8 +170,13 @@ def check_recipe(r: Recipe) -> list[Problem]:
     for refs, base, path in groups:
         n = len(set(refs))
         if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
-            wanted = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
-                      else f"at most {method.max_inputs}" if method.max_inputs else f"at least {method.min_inputs}")
+            wanted = (
+                f"exactly {method.min_inputs}"
+                if method.min_inputs == method.max_inputs
+                else f"at most {method.max_inputs}"
+                if method.max_inputs
+                else f"at least {method.min_inputs}"
+            )
             problem(f"{method.name} takes {wanted} model(s) (base included), got {n}", *path)
         if method.needs_base and base and base not in refs:
             problem(f"the base model '{base}' must be one of the inputs here", *path)
@@ -173,12 +188,18 @@ def check_recipe(r: Recipe) -> list[Problem]:
             where = (*path, name)
             if spec is None:
                 known = [p.name for p in method.params]
-                problem(f"'{method.name}' has no parameter '{name}'{did_you_mean(name, known)}"
-                        f" (it takes: {', '.join(known) or 'none'})", *where)
+                problem(
+                    f"'{method.name}' has no parameter '{name}'{did_you_mean(name, known)}"
+                    f" (it takes: {', '.join(known) or 'none'})",
+                    *where,
+                )
                 continue
             if per_model and not spec.per_model:
-                problem(f"'{name}' applies to the whole merge; set it under the slice's or the global "
-                        "'parameters', not a model's", *where)
+                problem(
+                    f"'{name}' applies to the whole merge; set it under the slice's or the global "
+                    "'parameters', not a model's",
+                    *where,
+                )
                 continue
             malformed = check_setting(value)
             if malformed:
@@ -257,20 +278,23 @@ def _check_required(r: Recipe, method: Method) -> list[Problem]:
             for i, s in enumerate(slices):
                 if spec.name not in global_params and not (s and s.parameters and spec.name in s.parameters):
                     path = ("slices", i) if s else ("parameters",) if r.parameters else ("merge_method",)
-                    out.append(Problem(f"{method.name} needs parameter '{spec.name}' (set it under 'parameters')",
-                                       **r.where(*path)))
+                    out.append(
+                        Problem(
+                            f"{method.name} needs parameter '{spec.name}' (set it under 'parameters')", **r.where(*path)
+                        )
+                    )
             continue
         inputs: list[tuple[str, Parameters | None, Parameters | None, tuple, str | None]] = []
         for i, m in enumerate(r.models or []):
             inputs.append((m.model, m.parameters, None, ("models", i), r.base_model))
         for i, s in enumerate(r.slices or []):
             for j, src in enumerate(s.sources):
-                inputs.append((src.model, src.parameters, s.parameters, ("slices", i, "sources", j),
-                               s.base_model or r.base_model))
+                inputs.append(
+                    (src.model, src.parameters, s.parameters, ("slices", i, "sources", j), s.base_model or r.base_model)
+                )
         for ref, own, slice_params, path, base in inputs:
             if ref == base and not spec.base_too:
                 continue
             if not any(p and spec.name in p for p in (own, slice_params, global_params)):
-                out.append(Problem(f"{method.name} needs parameter '{spec.name}' for model '{ref}'",
-                                   **r.where(*path)))
+                out.append(Problem(f"{method.name} needs parameter '{spec.name}' for model '{ref}'", **r.where(*path)))
     return out

@@ -66,9 +66,7 @@ def field_name(path: Path_) -> str:
     return out
 
 
-def validate_model(
-    model: type[BaseModel], data: Any, file: str | Path, lines: dict[Path_, int]
-) -> BaseModel:
+def validate_model(model: type[BaseModel], data: Any, file: str | Path, lines: dict[Path_, int]) -> BaseModel:
     """Validate `data` against a pydantic model; every error becomes a Problem with file, line and field."""
     if not isinstance(data, dict):
         raise RecipeError("expected a mapping of keys to values at the top level", file=file, line=1)

@@ -25,8 +25,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     build_tokenizer(root / "tokenizer")
-    dirs = {name: root / name for name in
-            ("base", "ft1", "ft2", "other", "base_sharded", "base_bin", "llama_tied", "llama_tied_ft", "wide")}
+    dirs = {
+        name: root / name
+        for name in ("base", "ft1", "ft2", "other", "base_sharded", "base_bin", "llama_tied", "llama_tied_ft", "wide")
+    }
     base = build_model(dirs["base"], root / "tokenizer", seed=0)
     perturbed_copy(dirs["base"], dirs["ft1"], 0.1, seed=1)
     perturbed_copy(dirs["base"], dirs["ft2"], 0.1, seed=2)

@@ -22,8 +22,16 @@ from merge.io.checkpoint import Checkpoint, tensors_from_header
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 META_PATTERNS = [
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
 ]
 
 
@@ -77,8 +85,9 @@ def _download(ref: str, patterns: list[str]) -> Path:
 
     repo, revision = split_ref(ref)
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
-                                      local_files_only=not hub_reachable()))
+        return Path(
+            snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=not hub_reachable())
+        )
     except Exception as exc:  # network, auth, missing repo: all user-facing
         raise _hub_error(ref, exc) from None
 
@@ -112,6 +121,8 @@ def _hub_error(ref: str, exc: Exception) -> RecipeError:
     elif "NotEnoughFreeSpace" in name:
         why = f"not enough disk space to download it ({exc})"
     else:
-        why = ("not available locally and the hub cannot be reached; download it where there is a network "
-               "(`hf download ORG/NAME --local-dir $MEDMERGE_MODEL_DIR/ORG/NAME`) and set MEDMERGE_MODEL_DIR")
+        why = (
+            "not available locally and the hub cannot be reached; download it where there is a network "
+            "(`hf download ORG/NAME --local-dir $MEDMERGE_MODEL_DIR/ORG/NAME`) and set MEDMERGE_MODEL_DIR"
+        )
     return RecipeError(f"model '{ref}': {why}")

@@ -54,13 +54,19 @@ def plan_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[l
 class ShardedWriter:
     """Write tensors, in the declared order, into `directory` as (sharded) safetensors plus an index."""
 
-    def __init__(self, directory: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        tensors: Sequence[OutputTensor],
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+    ):
         self.directory = directory
         self.shards = plan_shards(tensors, max_shard_bytes)
         n = len(self.shards)
-        self.file_names = (["model.safetensors"] if n == 1 else
-                           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.file_names = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.metadata = {"format": "pt", **(metadata or {})}
         self._queue: Iterator[tuple[int, OutputTensor]] = ((i, t) for i, s in enumerate(self.shards) for t in s)
         self._shard_index = -1
@@ -82,8 +88,11 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for t in self.shards[index]:
-            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {
+                "dtype": DTYPE_NAMES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
             offset += t.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does

@@ -87,8 +87,12 @@ def _task_arithmetic(c: MergeCall) -> torch.Tensor:
 def _ties(c: MergeCall) -> torch.Tensor:
     base, others, mp = c.base_and_others()
     return ties(
-        base, others, [p["weight"] for p in mp], [p["density"] for p in mp],
-        normalize=c.params["normalize"], lambda_=c.params["lambda"],
+        base,
+        others,
+        [p["weight"] for p in mp],
+        [p["density"] for p in mp],
+        normalize=c.params["normalize"],
+        lambda_=c.params["lambda"],
     )
 
 
@@ -97,8 +101,14 @@ def _dare(function: Callable[..., torch.Tensor]) -> Callable[[MergeCall], torch.
         base, others, mp = c.base_and_others()
         assert c.generator is not None
         return function(
-            base, others, [p["weight"] for p in mp], [p["density"] for p in mp], c.generator,
-            rescale=c.params["rescale"], normalize=c.params["normalize"], lambda_=c.params["lambda"],
+            base,
+            others,
+            [p["weight"] for p in mp],
+            [p["density"] for p in mp],
+            c.generator,
+            rescale=c.params["rescale"],
+            normalize=c.params["normalize"],
+            lambda_=c.params["lambda"],
         )
 
     return apply
@@ -120,33 +130,56 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
-            "linear", "weighted average of the models", _linear,
+            "linear",
+            "weighted average of the models",
+            _linear,
             (Param("weight", float, per_model=True, base_too=True), Param("normalize", bool, True)),
         ),
         Method(
-            "slerp", "spherical interpolation between the base and one other model", _slerp,
+            "slerp",
+            "spherical interpolation between the base and one other model",
+            _slerp,
             (Param("t", float, doc="0 gives the base model, 1 the other"),),
-            needs_base=True, min_inputs=2, max_inputs=2,
+            needs_base=True,
+            min_inputs=2,
+            max_inputs=2,
         ),
         Method(
-            "task_arithmetic", "base + weighted sum of task vectors", _task_arithmetic,
-            _task_vector_params(normalize=False, rescale=False), needs_base=True,
+            "task_arithmetic",
+            "base + weighted sum of task vectors",
+            _task_arithmetic,
+            _task_vector_params(normalize=False, rescale=False),
+            needs_base=True,
         ),
         Method(
-            "ties", "TIES: magnitude trim, sign election, disjoint mean", _ties,
-            _task_vector_params(normalize=True, rescale=False), needs_base=True,
+            "ties",
+            "TIES: magnitude trim, sign election, disjoint mean",
+            _ties,
+            _task_vector_params(normalize=True, rescale=False),
+            needs_base=True,
         ),
         Method(
-            "dare_linear", "DARE random drop and rescale, then a weighted sum", _dare(dare_linear),
-            _task_vector_params(normalize=False, rescale=True), needs_base=True, random=True,
+            "dare_linear",
+            "DARE random drop and rescale, then a weighted sum",
+            _dare(dare_linear),
+            _task_vector_params(normalize=False, rescale=True),
+            needs_base=True,
+            random=True,
         ),
         Method(
-            "dare_ties", "DARE random drop and rescale, then TIES sign election", _dare(dare_ties),
-            _task_vector_params(normalize=False, rescale=True), needs_base=True, random=True,
+            "dare_ties",
+            "DARE random drop and rescale, then TIES sign election",
+            _dare(dare_ties),
+            _task_vector_params(normalize=False, rescale=True),
+            needs_base=True,
+            random=True,
         ),
         Method(
-            "passthrough", "copy one model's tensors (layer stacking with slices)", _passthrough,
-            (Param("scale", float, None, per_model=True, base_too=True),), max_inputs=1,
+            "passthrough",
+            "copy one model's tensors (layer stacking with slices)",
+            _passthrough,
+            (Param("scale", float, None, per_model=True, base_too=True),),
+            max_inputs=1,
         ),
     )
 }

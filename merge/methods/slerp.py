@@ -11,7 +11,9 @@ from merge.methods.linear import accumulation_dtype
 BLOCK = 1 << 20
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Interpolate between two whole tensors along the great circle through their directions.
 
         u0 = v0/‖v0‖,  u1 = v1/‖v1‖,  Ω = arccos⟨u0, u1⟩

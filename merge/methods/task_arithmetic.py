@@ -94,32 +94,49 @@ def merge_task_vectors(
         θ = θ_base + λ Δ
 
     Weights multiply the task vectors before the sign election (mergekit's order); with equal weights
-    this is exactly TIES's elect + disjoint mean. A zero divisor is replaced by 1.
+    this is exactly TIES's elect + disjoint mean. A zero divisor is replaced by 1. Each Σ accumulates in
+    float32 and rounds once to the merge dtype, as a `sum(dim=0)` over the stacked vectors would.
     """
     if not others:
         return base
-    deltas = torch.stack([prune(x - base, i) if prune else x - base for i, x in enumerate(others)])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape(-1, *[1] * base.dim())
-    deltas.mul_(w)
+    dtype = base.dtype
+    w = [torch.tensor(weight, dtype=dtype, device=base.device) for weight in weights]  # rounded like mergekit
+    weighted = [(prune(x - base, i) if prune else x - base).mul_(w[i]) for i, x in enumerate(others)]
     if sign_consensus:
-        elected = torch.where(deltas.sum(dim=0) >= 0, 1, -1).to(torch.int8)
-        agrees = deltas.sign().to(torch.int8) == elected
-        merged = (deltas * agrees).sum(dim=0)
-        divisor = (w * agrees).sum(dim=0)
+        positive = _sum(weighted, dtype) >= 0
+        agrees = [torch.where(positive, d > 0, d < 0) for d in weighted]
+        merged = _sum([torch.where(a, d, 0) for a, d in zip(agrees, weighted)], dtype)
+        divisor = _sum([torch.where(a, wi, 0) for a, wi in zip(agrees, w)], dtype)
         divisor[divisor == 0] = 1
     else:
-        merged = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
+        merged = _sum(weighted, dtype)
+        divisor = _sum(w, dtype)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         merged /= divisor
     if lambda_ != 1:
         merged *= lambda_
-    return (base + merged).to(base.dtype)
+    return (base + merged).to(dtype)
+
+
+def _sum(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Σ tensors, accumulated in float32 (float64 for float64) from zero in list order, rounded to `dtype`."""
+    acc = torch.zeros(
+        torch.broadcast_shapes(*(t.shape for t in tensors)),
+        device=tensors[0].device,
+        dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+    )
+    for t in tensors:
+        acc.add_(t)
+    return acc.to(dtype)
 
 
 def task_arithmetic(
-    base: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = False,
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = False,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): θ = θ_base + λ Σ_i w_i τ_i."""
@@ -127,37 +144,70 @@ def task_arithmetic(
 
 
 def ties(
-    base: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
-    *, normalize: bool = True, lambda_: float = 1.0,
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool = True,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023, arXiv:2306.01708): trim, elect sign, disjoint merge.
 
-        τ̂_i = top-k_i(τ_i) by magnitude (k_i = density_i · n),  γ = sgn(Σ_i w_i τ̂_i)
-        θ = θ_base + λ Σ_i w_i τ̂_i [sgn τ̂_i = γ] / Σ_i w_i [sgn τ̂_i = γ]
+    τ̂_i = top-k_i(τ_i) by magnitude (k_i = density_i · n),  γ = sgn(Σ_i w_i τ̂_i)
+    θ = θ_base + λ Σ_i w_i τ̂_i [sgn τ̂_i = γ] / Σ_i w_i [sgn τ̂_i = γ]
     """
     return merge_task_vectors(
-        base, others, weights, prune=lambda d, i: magnitude_prune(d, densities[i]),
-        sign_consensus=True, normalize=normalize, lambda_=lambda_,
+        base,
+        others,
+        weights,
+        prune=lambda d, i: magnitude_prune(d, densities[i]),
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
 def dare_linear(
-    base: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
-    generator: torch.Generator, *, rescale: bool = True, normalize: bool = False, lambda_: float = 1.0,
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generator: torch.Generator,
+    *,
+    rescale: bool = True,
+    normalize: bool = False,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
     """DARE with a plain weighted sum (Yu et al. 2024, arXiv:2311.03099): θ = θ_base + λ Σ_i w_i DARE(τ_i)."""
     return merge_task_vectors(
-        base, others, weights, prune=lambda d, i: random_prune(d, densities[i], generator, rescale),
-        normalize=normalize, lambda_=lambda_,
+        base,
+        others,
+        weights,
+        prune=lambda d, i: random_prune(d, densities[i], generator, rescale),
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
 def dare_ties(
-    base: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
-    generator: torch.Generator, *, rescale: bool = True, normalize: bool = False, lambda_: float = 1.0,
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generator: torch.Generator,
+    *,
+    rescale: bool = True,
+    normalize: bool = False,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
     """DARE pruning followed by TIES's sign election and disjoint sum (mean if normalize)."""
     return merge_task_vectors(
-        base, others, weights, prune=lambda d, i: random_prune(d, densities[i], generator, rescale),
-        sign_consensus=True, normalize=normalize, lambda_=lambda_,
+        base,
+        others,
+        weights,
+        prune=lambda d, i: random_prune(d, densities[i], generator, rescale),
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
     )

@@ -13,8 +13,13 @@ from medmerge.cli import main, parse_size
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medmerge.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "medmerge.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_parse_size() -> None:
@@ -31,15 +36,22 @@ def test_bad_recipe_is_one_line_exit_2_no_traceback_no_output(write_recipe, tmp_
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"medmerge: error: {path}:1: merge_method: unknown merge method 'tiess' (did you mean 'ties'?); "
-        "known: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, passthrough"]
+        "known: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, passthrough"
+    ]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_offline_hub_reference_fails_fast_with_one_line(write_recipe, tmp_path) -> None:
-    path = write_recipe("merge_method: linear\nmodels:\n  - model: BioMistral/BioMistral-7B\n"
-                        "    parameters: {weight: 1}\n")
-    result = run_cli("merge", str(path), str(tmp_path / "out"), "--dry-run",
-                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    path = write_recipe(
+        "merge_method: linear\nmodels:\n  - model: BioMistral/BioMistral-7B\n    parameters: {weight: 1}\n"
+    )
+    result = run_cli(
+        "merge",
+        str(path),
+        str(tmp_path / "out"),
+        "--dry-run",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("medmerge: error: model 'BioMistral/BioMistral-7B': not available locally")
@@ -58,10 +70,10 @@ def test_model_mirror_directory_resolves_hub_ids(tiny, write_recipe, tmp_path, m
 def test_dry_run_prints_the_plan(tiny, write_recipe, tmp_path, capsys) -> None:
     path = write_recipe(f"""\
 merge_method: slerp
-base_model: {tiny['base']}
+base_model: {tiny["base"]}
 models:
-  - model: {tiny['base']}
-  - model: {tiny['ft1']}
+  - model: {tiny["base"]}
+  - model: {tiny["ft1"]}
 parameters:
   t:
     - filter: self_attn

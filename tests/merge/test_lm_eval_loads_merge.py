@@ -14,9 +14,16 @@ def test_lm_eval_scores_a_merged_tiny_model(tiny, write_recipe, tmp_path) -> Non
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    path = write_recipe({"merge_method": "slerp", "base_model": str(tiny["base"]), "parameters": {"t": 0.5},
-                         "dtype": "bfloat16", "out_dtype": "float32",
-                         "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}]})
+    path = write_recipe(
+        {
+            "merge_method": "slerp",
+            "base_model": str(tiny["base"]),
+            "parameters": {"t": 0.5},
+            "dtype": "bfloat16",
+            "out_dtype": "float32",
+            "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}],
+        }
+    )
     out = tmp_path / "merged"
     run_merge(path, out)
 
@@ -29,7 +36,7 @@ task: tiny_merge_check
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {task_dir / 'data.jsonl'}
+    test: {task_dir / "data.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -39,8 +46,12 @@ metric_list:
   - metric: acc
 """)
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["tiny_merge_check"],
-        task_manager=TaskManager(include_path=str(task_dir)), batch_size=2, device="cpu",
+        model="hf",
+        model_args=f"pretrained={out},dtype=float32",
+        tasks=["tiny_merge_check"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        batch_size=2,
+        device="cpu",
     )
     metrics = results["results"]["tiny_merge_check"]
     assert 0.0 <= metrics["acc,none"] <= 1.0

@@ -72,8 +72,10 @@ def test_task_arithmetic_hand_computed() -> None:
     base = torch.tensor([1.0, 1.0])
     a, b = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 3.0])  # deltas [1,-1] and [0,2]
     assert torch.equal(task_arithmetic(base, [a, b], [0.5, 1.0]), torch.tensor([1.5, 2.5]))
-    assert torch.allclose(task_arithmetic(base, [a, b], [0.5, 1.0], normalize=True, lambda_=3.0),
-                          base + 3.0 * torch.tensor([0.5, 1.5]) / 1.5)
+    assert torch.allclose(
+        task_arithmetic(base, [a, b], [0.5, 1.0], normalize=True, lambda_=3.0),
+        base + 3.0 * torch.tensor([0.5, 1.5]) / 1.5,
+    )
 
 
 def test_ties_hand_computed() -> None:
@@ -141,14 +143,16 @@ def test_dare_density_one_is_deterministic_and_equals_no_pruning() -> None:
     base, x, y = torch.randn(30, 30), torch.randn(30, 30), torch.randn(30, 30)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(dare_linear(base, [x, y], [0.5, 0.5], [1.0, 1.0], g), task_arithmetic(base, [x, y], [0.5, 0.5]))
-    assert torch.equal(dare_ties(base, [x, y], [1.0, 1.0], [1.0, 1.0], g, normalize=True),
-                       ties(base, [x, y], [1.0, 1.0], [1.0, 1.0]))
+    assert torch.equal(
+        dare_ties(base, [x, y], [1.0, 1.0], [1.0, 1.0], g, normalize=True), ties(base, [x, y], [1.0, 1.0], [1.0, 1.0])
+    )
 
 
 def test_sign_consensus_zero_votes_are_positive_and_zero_divisor_is_one() -> None:
     base = torch.zeros(2)
-    out = merge_task_vectors(base, [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [1.0, 1.0],
-                             sign_consensus=True, normalize=True)
+    out = merge_task_vectors(
+        base, [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [1.0, 1.0], sign_consensus=True, normalize=True
+    )
     assert torch.equal(out, torch.tensor([1.0, 0.0]))  # tie -> '+' wins; all-zero column stays 0
 
 

@@ -66,8 +66,12 @@ models:
 """)
     lines = problems(path)
     assert f"{path}:7: models[1].parameters.density: density must be in (0, 1]" in lines
-    assert any(line.startswith(f"{path}:8: models[1].parameters.wieght: 'ties' has no parameter 'wieght' "
-                               "(did you mean 'weight'?)") for line in lines)
+    assert any(
+        line.startswith(
+            f"{path}:8: models[1].parameters.wieght: 'ties' has no parameter 'wieght' (did you mean 'weight'?)"
+        )
+        for line in lines
+    )
     assert f"{path}:5: models[1]: ties needs parameter 'weight' for model 'org/ft'" in lines
 
 
@@ -96,20 +100,35 @@ def test_invalid_yaml_names_the_line(write_recipe) -> None:
         ("merge_method: linear\n", "give either 'models' or 'slices'"),
         ("merge_method: linear\nmodels: []\nslices: []\n", "give either 'models' or 'slices'"),
         ("merge_method: ties\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n", "ties needs a base_model"),
-        ("merge_method: linear\nmodels:\n  - model: ./not here\n    parameters: {weight: 1}\n",
-         "is neither an existing directory nor a hub id"),
-        ("merge_method: linear\ndtype: bf15\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
-         "unknown dtype 'bf15'"),
-        ("merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: yes please}\n",
-         "expected a number, got 'yes please'"),
-        ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a/b\n        layer_range: [4, 2]\n",
-         "layer_range must be [start, end)"),
-        ("merge_method: linear\nparameters: {normalize: maybe}\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
-         "expected true or false"),
-        ("merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: 1, normalize: true}\n",
-         "'normalize' applies to the whole merge"),
-        ("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
-         "'union' is not supported yet"),
+        (
+            "merge_method: linear\nmodels:\n  - model: ./not here\n    parameters: {weight: 1}\n",
+            "is neither an existing directory nor a hub id",
+        ),
+        (
+            "merge_method: linear\ndtype: bf15\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "unknown dtype 'bf15'",
+        ),
+        (
+            "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: yes please}\n",
+            "expected a number, got 'yes please'",
+        ),
+        (
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: a/b\n        layer_range: [4, 2]\n",
+            "layer_range must be [start, end)",
+        ),
+        (
+            "merge_method: linear\nparameters: {normalize: maybe}\n"
+            "models:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "expected true or false",
+        ),
+        (
+            "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: 1, normalize: true}\n",
+            "'normalize' applies to the whole merge",
+        ),
+        (
+            "merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "'union' is not supported yet",
+        ),
         ("- just\n- a list\n", "expected a mapping"),
         ("", "the file is empty"),
     ],

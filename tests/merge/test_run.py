@@ -16,18 +16,28 @@ from tests.conftest import load_weights
 
 def ties_recipe(tiny: dict[str, Path], method: str = "ties", **extra: object) -> dict:
     return {
-        "merge_method": method, "base_model": str(tiny["base"]), "dtype": "bfloat16",
-        "models": [{"model": str(tiny["base"])},
-                   {"model": str(tiny["ft1"]), "parameters": {"weight": 0.5, "density": 0.5}},
-                   {"model": str(tiny["ft2"]), "parameters": {"weight": 0.5, "density": 0.5}}],
+        "merge_method": method,
+        "base_model": str(tiny["base"]),
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(tiny["base"])},
+            {"model": str(tiny["ft1"]), "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": str(tiny["ft2"]), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
         **extra,
     }
 
 
 def test_linear_weights_one_zero_reproduces_model_a(tiny, write_recipe, tmp_path) -> None:
-    path = write_recipe({"merge_method": "linear", "models": [
-        {"model": str(tiny["ft1"]), "parameters": {"weight": 1.0}},
-        {"model": str(tiny["ft2"]), "parameters": {"weight": 0.0}}]})
+    path = write_recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(tiny["ft1"]), "parameters": {"weight": 1.0}},
+                {"model": str(tiny["ft2"]), "parameters": {"weight": 0.0}},
+            ],
+        }
+    )
     run_merge(path, tmp_path / "out")
     merged, a = load_weights(tmp_path / "out"), load_weights(tiny["ft1"])
     assert merged.keys() == a.keys() and all(torch.equal(merged[k], a[k]) for k in a)
@@ -36,8 +46,14 @@ def test_linear_weights_one_zero_reproduces_model_a(tiny, write_recipe, tmp_path
 def test_slerp_t0_gives_base_and_output_loads_in_transformers(tiny, write_recipe, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    path = write_recipe({"merge_method": "slerp", "base_model": str(tiny["base"]), "parameters": {"t": 0},
-                         "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}]})
+    path = write_recipe(
+        {
+            "merge_method": "slerp",
+            "base_model": str(tiny["base"]),
+            "parameters": {"t": 0},
+            "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}],
+        }
+    )
     run_merge(path, tmp_path / "out")
     merged, base = load_weights(tmp_path / "out"), load_weights(tiny["base"])
     assert all(torch.equal(merged[k], base[k]) for k in base)
@@ -52,15 +68,25 @@ def test_output_directory_contents(tiny, write_recipe, tmp_path) -> None:
     run_merge(path, tmp_path / "out")
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "medmerge_recipe.yaml", "README.md", "model.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "medmerge_recipe.yaml",
+        "README.md",
+        "model.safetensors",
+    } <= names
     assert (out / "medmerge_recipe.yaml").read_text() == path.read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front == {"base_model": [str(tiny["base"]), str(tiny["ft1"]), str(tiny["ft2"])],
-                     "library_name": "transformers", "tags": ["merge", "medmerge"]}
+    assert front == {
+        "base_model": [str(tiny["base"]), str(tiny["ft1"]), str(tiny["ft2"])],
+        "library_name": "transformers",
+        "tags": ["merge", "medmerge"],
+    }
     assert "# tiny-ties" in card and "arxiv.org/abs/2306.01708" in card
     assert all(t.dtype == torch.bfloat16 for t in load_weights(out).values())
     assert not list(tmp_path.glob(".out.*"))  # no staging directory left behind
@@ -84,9 +110,16 @@ def test_sharded_output_and_index(tiny, write_recipe, tmp_path) -> None:
 def test_sharded_and_bin_inputs_read_like_a_single_file(tiny, write_recipe, tmp_path) -> None:
     outs = []
     for source in ("base", "base_sharded", "base_bin"):
-        path = write_recipe({"merge_method": "linear", "models": [
-            {"model": str(tiny[source]), "parameters": {"weight": 0.7}},
-            {"model": str(tiny["ft1"]), "parameters": {"weight": 0.3}}]}, name=f"{source}.yaml")
+        path = write_recipe(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(tiny[source]), "parameters": {"weight": 0.7}},
+                    {"model": str(tiny["ft1"]), "parameters": {"weight": 0.3}},
+                ],
+            },
+            name=f"{source}.yaml",
+        )
         run_merge(path, tmp_path / source)
         outs.append(load_weights(tmp_path / source))
     assert all(torch.equal(outs[0][k], o[k]) for o in outs[1:] for k in outs[0])
@@ -110,11 +143,11 @@ def test_dare_is_reproducible_whatever_order_shards_or_threads(tiny, write_recip
 
 
 def test_dare_mask_depends_on_tensor_name_not_plan_order(tiny) -> None:
-    from merge.recipe import load_recipe
-    from merge.run import merge_tensor, plan_merge
-
     # merging the jobs in reverse order gives the same tensors
     import tempfile
+
+    from merge.recipe import load_recipe
+    from merge.run import merge_tensor, plan_merge
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "r.yaml"
@@ -133,9 +166,15 @@ def test_dare_mask_depends_on_tensor_name_not_plan_order(tiny) -> None:
 def test_passthrough_slices_stack_layers_and_update_config(tiny, write_recipe, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    path = write_recipe({"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(tiny["base"]), "layer_range": [0, 3]}]},
-        {"sources": [{"model": str(tiny["ft1"]), "layer_range": [1, 4]}]}]})
+    path = write_recipe(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(tiny["base"]), "layer_range": [0, 3]}]},
+                {"sources": [{"model": str(tiny["ft1"]), "layer_range": [1, 4]}]},
+            ],
+        }
+    )
     run_merge(path, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 6
@@ -150,19 +189,34 @@ def test_passthrough_slices_stack_layers_and_update_config(tiny, write_recipe, t
 def test_tied_embedding_llama_merges_without_lm_head(tiny, write_recipe, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    path = write_recipe({"merge_method": "ties", "base_model": str(tiny["llama_tied"]), "models": [
-        {"model": str(tiny["llama_tied_ft"]), "parameters": {"weight": 1.0, "density": 0.5}}]})
+    path = write_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(tiny["llama_tied"]),
+            "models": [{"model": str(tiny["llama_tied_ft"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+        }
+    )
     run_merge(path, tmp_path / "out")
     assert "lm_head.weight" not in load_weights(tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert (
+        model.config.tie_word_embeddings
+        and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    )
 
 
 def test_gradient_parameters_reach_each_layer(tiny, write_recipe, tmp_path) -> None:
     # linear with a weight gradient on ft1 over 4 layers: layer i gets weight i/3 (ft2 weight 1 - i/3 via filter)
-    path = write_recipe({"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": str(tiny["ft1"]), "parameters": {"weight": [0.0, 1.0]}},
-        {"model": str(tiny["ft2"]), "parameters": {"weight": [1.0, 0.0]}}]})
+    path = write_recipe(
+        {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": str(tiny["ft1"]), "parameters": {"weight": [0.0, 1.0]}},
+                {"model": str(tiny["ft2"]), "parameters": {"weight": [1.0, 0.0]}},
+            ],
+        }
+    )
     run_merge(path, tmp_path / "out")
     merged, a, b = load_weights(tmp_path / "out"), load_weights(tiny["ft1"]), load_weights(tiny["ft2"])
     name = "model.layers.{}.self_attn.o_proj.weight"
@@ -177,17 +231,43 @@ def test_gradient_parameters_reach_each_layer(tiny, write_recipe, tmp_path) -> N
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
-        (lambda t: {"merge_method": "linear", "models": [
-            {"model": str(t["base"]), "parameters": {"weight": 1}},
-            {"model": str(t["llama_tied"]), "parameters": {"weight": 1}}]}, "only models of one architecture"),
-        (lambda t: {"merge_method": "linear", "models": [
-            {"model": str(t["base"]), "parameters": {"weight": 1}},
-            {"model": str(t["wide"]), "parameters": {"weight": 1}}]}, "has different shapes"),
-        (lambda t: {"merge_method": "linear", "models": [
-            {"model": str(t["base"]), "parameters": {"weight": 1}},
-            {"model": str(t["ft1"]), "parameters": {"weight": -1}}]}, "sum to zero"),
-        (lambda t: {"merge_method": "passthrough", "slices": [
-            {"sources": [{"model": str(t["base"]), "layer_range": [0, 9]}]}]}, "out of bounds: model"),
+        (
+            lambda t: {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(t["base"]), "parameters": {"weight": 1}},
+                    {"model": str(t["llama_tied"]), "parameters": {"weight": 1}},
+                ],
+            },
+            "only models of one architecture",
+        ),
+        (
+            lambda t: {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(t["base"]), "parameters": {"weight": 1}},
+                    {"model": str(t["wide"]), "parameters": {"weight": 1}},
+                ],
+            },
+            "has different shapes",
+        ),
+        (
+            lambda t: {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(t["base"]), "parameters": {"weight": 1}},
+                    {"model": str(t["ft1"]), "parameters": {"weight": -1}},
+                ],
+            },
+            "sum to zero",
+        ),
+        (
+            lambda t: {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": str(t["base"]), "layer_range": [0, 9]}]}],
+            },
+            "out of bounds: model",
+        ),
     ],
 )
 def test_mismatches_found_from_headers_before_any_output(tiny, write_recipe, tmp_path, make, expected) -> None:
@@ -199,8 +279,10 @@ def test_mismatches_found_from_headers_before_any_output(tiny, write_recipe, tmp
 
 
 def test_layer_range_error_names_its_line(tiny, write_recipe, tmp_path) -> None:
-    path = write_recipe(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {tiny['base']}\n"
-                        "        layer_range: [0, 9]\n")
+    path = write_recipe(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {tiny['base']}\n"
+        "        layer_range: [0, 9]\n"
+    )
     with pytest.raises(RecipeError) as info:
         run_merge(path, tmp_path / "out")
     assert str(info.value).startswith(f"{path}:5: slices[0].sources[0].layer_range: layer_range [0, 9] is out of")

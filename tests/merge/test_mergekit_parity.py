@@ -1,0 +1,23 @@
+"""Outputs equal mergekit 0.1.5's (runs only where a mergekit venv is given: MEDMERGE_MERGEKIT_PYTHON)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+MERGEKIT_PYTHON = os.environ.get("MEDMERGE_MERGEKIT_PYTHON")
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MEDMERGE_MERGEKIT_PYTHON to a venv python with mergekit 0.1.5")
+def test_every_difference_from_mergekit_is_explained(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from compare_mergekit import run_comparison
+
+    outcomes = run_comparison(Path(MERGEKIT_PYTHON), tmp_path, hidden=64)
+    assert len(outcomes) == 10
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok]
+    assert all(o.differing == 0 for o in outcomes if not o.name.startswith("ties"))

@@ -1,0 +1,16 @@
+"""`medmerge demo` runs the whole loop offline and writes its report."""
+
+from __future__ import annotations
+
+import pytest
+
+from medmerge.demo import demo_recipes, run_demo
+
+
+@pytest.mark.slow
+def test_demo_builds_merges_evaluates_and_reports(tmp_path) -> None:
+    report = run_demo(tmp_path, progress=False)
+    text = report.read_text()
+    for name in ["base", "parent_a", "parent_b", *(f"merged_{n}" for n in demo_recipes(tmp_path))]:
+        assert f"| {name} | " in text
+        assert (tmp_path / "models" / name / "config.json").exists()
