@@ -94,41 +94,28 @@ def merge_task_vectors(
         θ = θ_base + λ Δ
 
     Weights multiply the task vectors before the sign election (mergekit's order); with equal weights
-    this is exactly TIES's elect + disjoint mean. A zero divisor is replaced by 1. Each Σ accumulates in
-    float32 and rounds once to the merge dtype, as a `sum(dim=0)` over the stacked vectors would.
+    this is exactly TIES's elect + disjoint mean. A zero divisor is replaced by 1.
     """
     if not others:
         return base
-    dtype = base.dtype
-    w = [torch.tensor(weight, dtype=dtype, device=base.device) for weight in weights]  # rounded like mergekit
-    weighted = [(prune(x - base, i) if prune else x - base).mul_(w[i]) for i, x in enumerate(others)]
+    deltas = torch.stack([prune(x - base, i) if prune else x - base for i, x in enumerate(others)])
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape(-1, *[1] * base.dim())
+    deltas.mul_(w)
     if sign_consensus:
-        positive = _sum(weighted, dtype) >= 0
-        agrees = [torch.where(positive, d > 0, d < 0) for d in weighted]
-        merged = _sum([torch.where(a, d, 0) for a, d in zip(agrees, weighted)], dtype)
-        divisor = _sum([torch.where(a, wi, 0) for a, wi in zip(agrees, w)], dtype)
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1, -1).to(torch.int8)
+        agrees = deltas.sign().to(torch.int8) == elected
+        merged = (deltas * agrees).sum(dim=0)
+        divisor = (w * agrees).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
-        merged = _sum(weighted, dtype)
-        divisor = _sum(w, dtype)
+        merged = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         merged /= divisor
     if lambda_ != 1:
         merged *= lambda_
-    return (base + merged).to(dtype)
-
-
-def _sum(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Σ tensors, accumulated in float32 (float64 for float64) from zero in list order, rounded to `dtype`."""
-    acc = torch.zeros(
-        torch.broadcast_shapes(*(t.shape for t in tensors)),
-        device=tensors[0].device,
-        dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-    )
-    for t in tensors:
-        acc.add_(t)
-    return acc.to(dtype)
+    return (base + merged).to(base.dtype)
 
 
 def task_arithmetic(
