@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from merge.card import write_metadata
@@ -47,8 +48,8 @@ def merge_tensor(job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, se
     if job.copy_only:
         return inputs[0]
     method = plan.recipe.method
-    generator = torch.Generator().manual_seed(tensor_seed(seed, job.output.name)) if method.random else None
-    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], generator)
+    rng = np.random.Generator(np.random.PCG64(tensor_seed(seed, job.output.name))) if method.random else None
+    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], rng)
     return method.apply(call).to(job.output.dtype)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from merge.methods.linear import linear
@@ -41,7 +42,7 @@ class MergeCall:
     base_index: int | None
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
-    generator: torch.Generator | None = None
+    rng: np.random.Generator | None = None  # DARE masks: one numpy PCG64 stream per output tensor
 
     def base_and_others(self) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
         assert self.base_index is not None
@@ -99,13 +100,13 @@ def _ties(c: MergeCall) -> torch.Tensor:
 def _dare(function: Callable[..., torch.Tensor]) -> Callable[[MergeCall], torch.Tensor]:
     def apply(c: MergeCall) -> torch.Tensor:
         base, others, mp = c.base_and_others()
-        assert c.generator is not None
+        assert c.rng is not None
         return function(
             base,
             others,
             [p["weight"] for p in mp],
             [p["density"] for p in mp],
-            c.generator,
+            c.rng,
             rescale=c.params["rescale"],
             normalize=c.params["normalize"],
             lambda_=c.params["lambda"],

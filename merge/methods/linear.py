@@ -6,10 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are combined in float32 (float64 stays float64) so rounding happens once."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from merge.methods.common import BLOCK, accumulation_dtype
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
@@ -19,14 +16,19 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
         θ = Σ_i w_i θ_i                (normalize=False)
 
     Accumulates in float32 and rounds once to the inputs' dtype (the order of operations is mergekit's,
-    so outputs match it bit for bit).
+    so outputs match it bit for bit), over blocks of BLOCK entries so the float32 scratch stays in cache.
     """
     first = tensors[0]
     acc = accumulation_dtype(first.dtype)
     w = torch.tensor(list(weights), dtype=acc, device=first.device)
-    out = torch.zeros_like(first, dtype=acc)
-    for tensor, weight in zip(tensors, w):
-        out.addcmul_(tensor, weight)
-    if normalize:
-        out.div_(w.sum())
-    return out.to(first.dtype)
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flat[0])
+    for start in range(0, out.numel(), BLOCK):
+        block = slice(start, start + BLOCK)
+        total = torch.zeros_like(flat[0][block], dtype=acc)
+        for tensor, weight in zip(flat, w):
+            total.addcmul_(tensor[block], weight)
+        if normalize:
+            total.div_(w.sum())
+        out[block] = total
+    return out.reshape(first.shape)

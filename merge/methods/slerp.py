@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods.linear import accumulation_dtype
-
-# Elements per block of float32 scratch. Besides bounding memory, the block size fixes the order in which
-# the norms and the dot product are accumulated; 2**20 is mergekit's, so results agree with it to the bit.
-BLOCK = 1 << 20
+from merge.methods.common import BLOCK, accumulation_dtype
 
 
 def slerp(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from merge.methods.slerp import BLOCK, slerp
 from merge.methods.task_arithmetic import (
     dare_linear,
     dare_ties,
+    l1_norm,
     magnitude_prune,
     merge_task_vectors,
     random_prune,
@@ -117,13 +119,21 @@ def test_magnitude_prune_matches_a_stable_sort(dtype: torch.dtype) -> None:
 
 def test_random_prune_is_seeded_rescales_l1_and_keeps_about_density() -> None:
     delta = torch.randn(200, 100)
-    a = random_prune(delta, 0.3, torch.Generator().manual_seed(5), rescale=True)
-    b = random_prune(delta, 0.3, torch.Generator().manual_seed(5), rescale=True)
+    a = random_prune(delta, 0.3, np.random.default_rng(5), rescale=True)
+    b = random_prune(delta, 0.3, np.random.default_rng(5), rescale=True)
     assert torch.equal(a, b)
     assert (a != 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
     assert a.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
-    raw = random_prune(delta, 0.3, torch.Generator().manual_seed(5), rescale=False)
+    raw = random_prune(delta, 0.3, np.random.default_rng(5), rescale=False)
     assert torch.equal(raw != 0, a != 0) and torch.equal(raw[raw != 0], delta[raw != 0])
+
+
+def test_l1_norm_is_exact_for_16_bit_floats() -> None:
+    t = (torch.randn(100_000) * 0.01).bfloat16()
+    exact = math.fsum(t.double().abs().tolist())
+    assert l1_norm(t) == exact
+    keep = torch.rand(100_000) < 0.3
+    assert l1_norm(t, keep) == math.fsum(t[keep].double().abs().tolist())
 
 
 def test_random_prune_independent_of_thread_count() -> None:
@@ -131,9 +141,9 @@ def test_random_prune_independent_of_thread_count() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = random_prune(delta, 0.5, torch.Generator().manual_seed(9), rescale=True)
+        one = random_prune(delta, 0.5, np.random.default_rng(9), rescale=True)
         torch.set_num_threads(max(2, threads))
-        many = random_prune(delta, 0.5, torch.Generator().manual_seed(9), rescale=True)
+        many = random_prune(delta, 0.5, np.random.default_rng(9), rescale=True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
@@ -141,7 +151,7 @@ def test_random_prune_independent_of_thread_count() -> None:
 
 def test_dare_density_one_is_deterministic_and_equals_no_pruning() -> None:
     base, x, y = torch.randn(30, 30), torch.randn(30, 30), torch.randn(30, 30)
-    g = torch.Generator().manual_seed(0)
+    g = np.random.default_rng(0)
     assert torch.equal(dare_linear(base, [x, y], [0.5, 0.5], [1.0, 1.0], g), task_arithmetic(base, [x, y], [0.5, 0.5]))
     assert torch.equal(
         dare_ties(base, [x, y], [1.0, 1.0], [1.0, 1.0], g, normalize=True), ties(base, [x, y], [1.0, 1.0], [1.0, 1.0])
@@ -166,6 +176,6 @@ def test_passthrough() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dare_same_bytes_on_gpu_and_cpu() -> None:
     base, x = torch.randn(512, 256).bfloat16(), torch.randn(512, 256).bfloat16()
-    cpu = dare_ties(base, [x], [0.5], [0.5], torch.Generator().manual_seed(3))
-    gpu = dare_ties(base.cuda(), [x.cuda()], [0.5], [0.5], torch.Generator().manual_seed(3)).cpu()
+    cpu = dare_ties(base, [x], [0.5], [0.5], np.random.default_rng(3))
+    gpu = dare_ties(base.cuda(), [x.cuda()], [0.5], [0.5], np.random.default_rng(3)).cpu()
     assert torch.equal(cpu, gpu)
