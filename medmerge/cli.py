@@ -53,6 +53,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pull(args: argparse.Namespace) -> int:
+    from medmerge_tasks.sources import DATASETS, pull
+    from merge.io.hub import hub_reachable
+
+    if not hub_reachable():
+        raise RecipeError(
+            "the hub cannot be reached from here: run `medmerge data pull --to DIR` on a machine "
+            "with a network, copy DIR here and set MEDMERGE_DATA_DIR=DIR"
+        )
+    for path in pull(Path(args.to) if args.to else None):
+        print(path)
+    if args.to:
+        print(f"mirrored {len(DATASETS)} datasets; use them with MEDMERGE_DATA_DIR={args.to}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medmerge", description="Merge biomedical language models and evaluate the merges with lm-eval."
@@ -98,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir", nargs="?", default="medmerge-demo", help="work directory (default: ./medmerge-demo)")
     demo.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="manage the evaluation datasets").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    data_pull = data.add_parser(
+        "pull",
+        help="download every dataset the medmerge tasks use",
+        description="Download the files the medmerge lm-eval tasks read (BioInstructQA's "
+        "data.zip, TruthfulQA, MedMCQA) into the hub cache, or with --to into "
+        "DIR/<org>/<name> for MEDMERGE_DATA_DIR=DIR on offline machines.",
+    )
+    data_pull.add_argument("--to", metavar="DIR", help="mirror directory (default: the Hugging Face cache)")
+    data_pull.set_defaults(func=cmd_data_pull)
     return parser
 
 

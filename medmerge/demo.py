@@ -2,22 +2,25 @@
 
 Builds a tiny Mistral-shaped base model and two "parents" (the base plus different seeded perturbations),
 merges them with SLERP, TIES and DARE-TIES through ordinary recipe files, evaluates base, parents and merges
-with lm-eval's `hf` model on a small multiple-choice fixture task, and writes `report.md`.
+with lm-eval's `hf` model on medmerge's BioInstructQA and TruthfulQA-health tasks, read from synthetic
+fixture copies of the datasets (real schemas and file layouts), and writes `report.md`.
 Needs no network; a few minutes at most on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import json
-import random
+import os
 from pathlib import Path
 
 import yaml
 
+from medmerge.fixtures import build_data_mirror
 from medmerge.tiny import build_model, build_tokenizer, perturbed_copy
+from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA
 from merge.run import run_merge
 
 PARENTS = {"parent_a": 1, "parent_b": 2}
+TASKS = ["medmerge_bioinstructqa", "medmerge_truthfulqa_health", "medmerge_truthfulqa_health_truthful"]
 
 
 def demo_recipes(work: Path) -> dict[str, dict]:
@@ -54,44 +57,9 @@ def demo_recipes(work: Path) -> dict[str, dict]:
     }
 
 
-def fixture_task(work: Path, n: int = 24) -> Path:
-    """A small multiple-choice task in BioMistral's prompt format, as an lm-eval task directory."""
-    rng = random.Random(0)
-    organs = ["heart", "liver", "kidney", "lung", "pancreas", "brain", "skin", "bone"]
-    rows = []
-    for i in range(n):
-        options = rng.sample(organs, 4)
-        gold = rng.randrange(4)
-        rows.append({"question": f"Which organ is described in case {i}?", "options": options, "gold": gold})
-    task_dir = work / "task"
-    task_dir.mkdir(parents=True, exist_ok=True)
-    (task_dir / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (task_dir / "demo_organs.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "medmerge_demo_organs",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(task_dir / "test.jsonl")}},
-                "test_split": "test",
-                "output_type": "multiple_choice",
-                "doc_to_text": "The following are multiple choice questions (with answers) about medical knowledge. \n "
-                "**Question:** {{question}} \n (A) {{options[0]}} \n (B) {{options[1]}} \n (C) {{options[2]}}"
-                " \n (D) {{options[3]}} \n **Answer:**(",
-                "doc_to_choice": ["A", "B", "C", "D"],
-                "doc_to_target": "gold",
-                "target_delimiter": "",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-            },
-            sort_keys=False,
-        )
-    )
-    return task_dir
-
-
 def run_demo(work: Path, progress: bool = True) -> Path:
     """Build, merge, evaluate, report; returns the report's path."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     say = print if progress else (lambda *a, **k: None)
     models = work / "models"
@@ -108,33 +76,41 @@ def run_demo(work: Path, progress: bool = True) -> Path:
         path = recipe_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         run_merge(path, models / f"merged_{name}", overwrite=True, seed=0)
-    say("[3/4] evaluating with lm-eval")
-    task_dir = fixture_task(work)
-    manager = TaskManager(include_path=str(task_dir))
-    scores = {}
+    say("[3/4] evaluating with lm-eval on offline fixture copies of the task datasets")
+    os.environ["MEDMERGE_DATA_DIR"] = str(build_data_mirror(work / "data"))
+    rows: dict[str, dict[str, float]] = {}
     for name in ["base", *PARENTS, *(f"merged_{n}" for n in demo_recipes(work))]:
         result = lm_eval.simple_evaluate(
             model="hf",
             model_args=f"pretrained={models / name},dtype=float32",
-            tasks=["medmerge_demo_organs"],
-            task_manager=manager,
+            tasks=TASKS,
             batch_size=8,
             device="cpu",
             verbosity="ERROR",
         )
-        metrics = result["results"]["medmerge_demo_organs"]
-        scores[name] = (metrics["acc,none"], metrics["acc_stderr,none"])
-        say(f"      {name:20} acc {scores[name][0]:.3f}")
+        rows[name] = {
+            task: metrics.get("acc,none", metrics.get("mc2,none")) for task, metrics in result["results"].items()
+        }
+        say(f"      {name:20} BioInstructQA avg acc {rows[name]['medmerge_bioinstructqa']:.3f}")
     say("[4/4] writing the report")
+    columns = [
+        "medmerge_bioinstructqa",
+        *(f"medmerge_{s}" for s, _ in BIOINSTRUCTQA_CORPORA.values()),
+        "medmerge_truthfulqa_health",
+        "medmerge_truthfulqa_health_truthful",
+    ]
     lines = [
         "# medmerge demo",
         "",
-        "Tiny models built on the spot; accuracy on a 24-question fixture task.",
+        "Tiny models built on the spot and evaluated by lm-eval on synthetic fixture copies of the task",
+        "datasets. The parents are seeded perturbations of an untrained base, so scores sit near chance:",
+        "this checks the pipeline, not medicine. BioInstructQA: acc (avg = unweighted mean of the ten",
+        "corpora); TruthfulQA health: MC2.",
         "",
-        "| model | acc | stderr |",
-        "|---|---|---|",
+        "| model | " + " | ".join(c.removeprefix("medmerge_") for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
-    lines += [f"| {name} | {acc:.3f} | {err:.3f} |" for name, (acc, err) in scores.items()]
+    lines += [f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " |" for name, scores in rows.items()]
     report = work / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -1,0 +1,232 @@
+"""Where each corpus comes from and how its records become lm-eval docs.
+
+Every dataset is a hub dataset repository, read from its published files (no loading scripts, so it works
+with datasets >= 4):
+
+  BioMistral/BioInstructQA   data.zip -> base/overall_test+prompt.json   the ten BioInstructQA corpora, with
+                                                                          the paper's three fixed shot sets
+  truthfulqa/truthful_qa     generation/ + multiple_choice/ parquet      TruthfulQA (categories from `generation`)
+  openlifescienceai/medmcqa  data/validation-*.parquet                   MedMCQA validation (4183)
+
+With MEDMERGE_DATA_DIR=/mirror every repository is read from /mirror/<org>/<name>/ (a plain copy, as
+`hf download --repo-type dataset ORG/NAME --local-dir /mirror/ORG/NAME` or `medmerge data pull` leaves it);
+otherwise from the hub through huggingface_hub (only the files needed, cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+DATASETS: dict[str, list[str]] = {
+    "BioMistral/BioInstructQA": ["data.zip", "README.md"],
+    "truthfulqa/truthful_qa": ["generation/*", "multiple_choice/*", "README.md"],
+    "openlifescienceai/medmcqa": ["data/validation-*", "README.md"],
+}
+
+# BioInstructQA `corpus_name` -> (task suffix, answer letters)
+BIOINSTRUCTQA_CORPORA: dict[str, tuple[str, str]] = {
+    "MMLU_clinical_knowledge": ("mmlu_clinical_knowledge", "ABCD"),
+    "MMLU_medical_genetics": ("mmlu_medical_genetics", "ABCD"),
+    "MMLU_anatomy": ("mmlu_anatomy", "ABCD"),
+    "MMLU_professional_medicine": ("mmlu_professional_medicine", "ABCD"),
+    "MMLU_college_biology": ("mmlu_college_biology", "ABCD"),
+    "MMLU_college_medicine": ("mmlu_college_medicine", "ABCD"),
+    "MedQA": ("medqa_4options", "ABCD"),
+    "MedQA-5_options": ("medqa_5options", "ABCDE"),
+    "MedMCQA": ("medmcqa", "ABCD"),
+    "PubMedQA": ("pubmedqa", "ABC"),
+}
+TRUTHFULQA_HEALTH_CATEGORIES = ("Health", "Nutrition", "Psychology", "Science")
+
+
+class DatasetMissing(RuntimeError):
+    """A dataset that is neither mirrored nor reachable; the message is one line saying how to get it."""
+
+
+def dataset_dir(repo_id: str) -> Path:
+    """The local directory holding `repo_id`'s files: the mirror if MEDMERGE_DATA_DIR is set, else the hub cache."""
+    mirror = os.environ.get("MEDMERGE_DATA_DIR")
+    if mirror:
+        path = Path(mirror) / repo_id
+        if not path.is_dir():
+            raise DatasetMissing(
+                f"dataset {repo_id} is not in MEDMERGE_DATA_DIR ({path} does not exist); "
+                f"mirror it where there is a network with `medmerge data pull --to {mirror}`"
+            )
+        return path
+    from huggingface_hub import snapshot_download
+
+    from merge.io.hub import hub_reachable
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, repo_type="dataset", allow_patterns=DATASETS.get(repo_id), local_files_only=not hub_reachable()
+            )
+        )
+    except Exception as exc:
+        raise DatasetMissing(
+            f"dataset {repo_id} is not cached and the hub cannot be reached ({type(exc).__name__}); run "
+            f"`medmerge data pull --to /mirror` where there is a network and set MEDMERGE_DATA_DIR=/mirror"
+        ) from None
+
+
+def pull(to: Path | None = None) -> list[Path]:
+    """Download every dataset the tasks use (only the files needed), to `to`/<org>/<name> or the hub cache."""
+    from huggingface_hub import snapshot_download
+
+    out = []
+    for repo_id, patterns in DATASETS.items():
+        local_dir = None if to is None else str(Path(to) / repo_id)
+        out.append(Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, local_dir=local_dir)))
+    return out
+
+
+# --- BioInstructQA -----------------------------------------------------------------------------------------
+
+
+def bioinstructqa_records(split: str = "test") -> tuple[dict[str, Any], ...]:
+    """All records of `base/overall_<split>+prompt.json` inside BioInstructQA's data.zip."""
+    return _zip_records(dataset_dir("BioMistral/BioInstructQA") / "data.zip", split)
+
+
+@cache
+def _zip_records(path: Path, split: str) -> tuple[dict[str, Any], ...]:
+    if not path.is_file():
+        raise DatasetMissing(f"dataset BioMistral/BioInstructQA: {path} is missing")
+    wanted = f"base/overall_{split}+prompt.json"
+    with zipfile.ZipFile(path) as archive:
+        member = next((n for n in archive.namelist() if n.endswith(wanted)), None)
+        if member is None:
+            raise DatasetMissing(f"dataset BioMistral/BioInstructQA: {path} has no {wanted}")
+        return tuple(json.loads(archive.read(member)))
+
+
+def bioinstructqa_docs(corpus: str, fewshot_set: int = 1, shots: int = 3) -> list[dict[str, Any]]:
+    """Docs for one corpus: its test records with the paper's prompt (shot set `fewshot_set`, first `shots`)."""
+    from medmerge_tasks.prompts import render
+
+    if corpus not in BIOINSTRUCTQA_CORPORA:
+        raise ValueError(f"unknown BioInstructQA corpus {corpus!r}")
+    fewshot_set, shots = int(fewshot_set), int(shots)
+    if fewshot_set not in (1, 2, 3) or not 0 <= shots <= 3:
+        raise ValueError(f"fewshot_set must be 1, 2 or 3 and shots 0..3 (got {fewshot_set}, {shots})")
+    letters = BIOINSTRUCTQA_CORPORA[corpus][1]
+    docs = []
+    for record in bioinstructqa_records("test"):
+        if record["corpus_name"] != corpus:
+            continue
+        options = record["options"]
+        if list(options) != list(letters):
+            raise ValueError(f"{corpus} record {record.get('identifier')}: options {list(options)} != {list(letters)}")
+        gold = record["correct_answer_letter"]
+        shot_records = record[f"few_shot_samples[{fewshot_set}]"][:shots]
+        context = record.get("context") if corpus == "PubMedQA" else None
+        shot_blocks = [_block(s, s.get("context"), s["correct_answer_letter"]) for s in shot_records]
+        prompt = render("bioinstructqa.jinja", target=_block(record, context, ""), shots=shot_blocks)
+        docs.append(
+            {
+                "id": str(record.get("identifier", len(docs))),
+                "prompt": prompt,
+                "choices": list(letters),
+                "gold": letters.index(gold),
+                "gold_letter": gold,
+            }
+        )
+    return docs
+
+
+def _block(record: dict[str, Any], context: str | None, answer: str) -> dict[str, Any]:
+    """One question block; the target's `answer` is "" so the prompt ends at `**Answer:**(`."""
+    return {
+        "context": context,
+        "question": record["question"],
+        "options": list(record["options"].items()),
+        "answer": answer,
+    }
+
+
+# --- TruthfulQA health ------------------------------------------------------------------------------------
+
+
+def _parquet_rows(directory: Path, pattern: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    files = sorted(directory.glob(pattern))
+    if not files:
+        raise DatasetMissing(f"no files match {pattern} under {directory}")
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def truthfulqa_health_rows() -> tuple[dict[str, Any], ...]:
+    """TruthfulQA multiple-choice rows with their category, for the four health categories.
+
+    The `multiple_choice` config has no category; it is joined with `generation` on the question text.
+    Any multiple-choice question without a match raises (a silent drop would change the scores)."""
+    return _joined_truthfulqa(dataset_dir("truthfulqa/truthful_qa"))
+
+
+@cache
+def _joined_truthfulqa(root: Path) -> tuple[dict[str, Any], ...]:
+    categories = {r["question"]: r["category"] for r in _parquet_rows(root, "generation/validation-*.parquet")}
+    mc = _parquet_rows(root, "multiple_choice/validation-*.parquet")
+    unmatched = [r["question"] for r in mc if r["question"] not in categories]
+    if unmatched:
+        raise ValueError(
+            f"TruthfulQA: {len(unmatched)} multiple_choice question(s) have no generation row, e.g. {unmatched[0]!r}"
+        )
+    return tuple(
+        {**r, "category": categories[r["question"]]}
+        for r in mc
+        if categories[r["question"]] in TRUTHFULQA_HEALTH_CATEGORIES
+    )
+
+
+def truthfulqa_docs(category: str, prompt: str) -> list[dict[str, Any]]:
+    from medmerge_tasks.prompts import render
+
+    docs = []
+    for r in truthfulqa_health_rows():
+        if r["category"] != category:
+            continue
+        mc1, mc2 = r["mc1_targets"], r["mc2_targets"]
+        docs.append(
+            {
+                "prompt": render(f"{prompt}.jinja", question=r["question"]),
+                "choices": [" " + c for c in mc1["choices"]] + [" " + c for c in mc2["choices"]],
+                "n_mc1": len(mc1["choices"]),
+                "mc1_labels": list(mc1["labels"]),
+                "mc2_labels": list(mc2["labels"]),
+                "category": category,
+            }
+        )
+    return docs
+
+
+# --- MedMCQA ----------------------------------------------------------------------------------------------
+
+
+def medmcqa_docs() -> list[dict[str, Any]]:
+    from medmerge_tasks.prompts import render
+
+    rows = _parquet_rows(dataset_dir("openlifescienceai/medmcqa"), "data/validation-*.parquet")
+    docs = []
+    for r in rows:
+        options = [r["opa"], r["opb"], r["opc"], r["opd"]]
+        docs.append(
+            {
+                "id": r["id"],
+                "prompt": render("medmcqa_inst.jinja", question=r["question"], options=options),
+                "choices": ["A", "B", "C", "D"],
+                "gold": int(r["cop"]),
+            }
+        )
+    return docs

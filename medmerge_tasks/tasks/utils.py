@@ -1,0 +1,51 @@
+"""The Python the task YAMLs call with `!function`: dataset loading and scoring that YAML cannot say."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+
+from medmerge_tasks import sources
+
+
+def load_bioinstructqa(corpus: str, fewshot_set: int = 1, shots: int = 3, **_: Any) -> DatasetDict:
+    """`--metadata '{"fewshot_set": 2}'` picks the paper's shot set (1-3); `shots` how many of its 3 to use."""
+    return DatasetDict({"test": Dataset.from_list(sources.bioinstructqa_docs(corpus, fewshot_set, shots))})
+
+
+def load_truthfulqa_health(category: str, prompt: str, **_: Any) -> DatasetDict:
+    return DatasetDict({"validation": Dataset.from_list(sources.truthfulqa_docs(category, prompt))})
+
+
+def load_medmcqa(**_: Any) -> DatasetDict:
+    return DatasetDict({"validation": Dataset.from_list(sources.medmcqa_docs())})
+
+
+def letter_accuracy(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """acc: the gold letter has the highest log-likelihood. Reported twice so a group can average it both
+    unweighted (the paper's Avg) and weighted by task size (lm-eval's usual mean)."""
+    correct = float(int(np.argmax([ll for ll, _ in results])) == doc["gold"])
+    return {"acc": correct, "acc_size_weighted": correct}
+
+
+def letter_exact_match(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """BioMistral's scoring: the one greedy token (whitespace stripped) must be the gold letter."""
+    correct = float(results[0].strip() == doc["gold_letter"])
+    return {"exact_match": correct, "exact_match_size_weighted": correct}
+
+
+def truthfulqa_mc1_mc2(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """MC1 and MC2 as lm-eval's truthfulqa_mc1/mc2 compute them, from one pass over both choice lists.
+
+    MC1: the single true answer (index 0) has the highest log-likelihood among the mc1 choices.
+    MC2: the normalised probability mass of the true answers among the mc2 choices."""
+    ll = np.array([ll for ll, _ in results])
+    mc1, mc2 = ll[: doc["n_mc1"]], ll[doc["n_mc1"] :]
+    labels = np.array(doc["mc2_labels"])
+    probs = np.exp(mc2)
+    return {
+        "mc1": float(int(np.argmax(mc1)) == doc["mc1_labels"].index(1)),
+        "mc2": float(np.sum(probs[labels == 1]) / np.sum(probs)),
+    }

@@ -1,0 +1,302 @@
+"""The lm-eval plugin: prompts byte for byte, gold alignment on every corpus, the TruthfulQA join, discovery."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medmerge import fixtures
+from medmerge_tasks import sources
+
+BIO_TASKS = [f"medmerge_{suffix}" for suffix, _ in sources.BIOINSTRUCTQA_CORPORA.values()]
+SHARED_TRUTHFULQA = Path(__file__).resolve().parents[3] / "shared" / "data" / "TruthfulQA.csv"
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.build_data_mirror(tmp_path_factory.mktemp("mirror"))
+
+
+@pytest.fixture(autouse=True)
+def use_mirror(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDMERGE_DATA_DIR", str(mirror))
+
+
+def test_golden_prompt_with_three_shots() -> None:
+    doc = sources.bioinstructqa_docs("MMLU_anatomy")[0]
+    raw = next(r for r in fixtures.bioinstructqa_records() if r["identifier"] == "MMLU_anatomy-0")
+    shots = raw["few_shot_samples[1]"]
+
+    def block(r: dict[str, Any], answer: str) -> str:
+        options = " \n ".join(f"({k}) {v}" for k, v in r["options"].items())
+        return f"**Question:** {r['question']} \n {options} \n **Answer:**({answer}"
+
+    expected = (
+        "The following are multiple choice questions (with answers) about medical knowledge. \n "
+        + " \n ".join(block(s, s["correct_answer_letter"]) for s in shots)
+        + " \n "
+        + block(raw, "")
+    )
+    assert doc["prompt"] == expected
+    assert doc["prompt"].startswith(
+        "The following are multiple choice questions (with answers) about medical knowledge. \n **Question:** "
+    )
+    assert doc["prompt"].endswith(" \n (D) " + raw["options"]["D"] + " \n **Answer:**(")
+    assert doc["choices"] == ["A", "B", "C", "D"] and "ABCD"[doc["gold"]] == raw["correct_answer_letter"]
+
+
+def test_golden_pubmedqa_prompt_has_context_first_and_three_letters() -> None:
+    raw = next(r for r in fixtures.bioinstructqa_records() if r["identifier"] == "PubMedQA-1")
+    doc = sources.bioinstructqa_docs("PubMedQA", shots=0)[1]
+    assert doc["prompt"] == (
+        "The following are multiple choice questions (with answers) about medical knowledge. \n "
+        f"{raw['context']} \n **Question:** {raw['question']} \n (A) yes \n (B) no \n (C) maybe \n **Answer:**("
+    )
+    assert doc["choices"] == ["A", "B", "C"]
+
+
+def test_shot_sets_and_counts() -> None:
+    one = sources.bioinstructqa_docs("MedQA-5_options", fewshot_set=1)
+    two = sources.bioinstructqa_docs("MedQA-5_options", fewshot_set=2)
+    assert len(one) == len(two) == 6
+    target = one[0]["prompt"].rsplit("**Question:** ", 1)[1]
+    assert two[0]["prompt"].rsplit("**Question:** ", 1)[1] == target  # same question, other shots
+    assert one[0]["prompt"] != two[0]["prompt"] and one[0]["prompt"].count("**Question:**") == 4
+    assert sources.bioinstructqa_docs("MedQA-5_options", shots=0)[0]["prompt"].count("**Question:**") == 1
+    assert one[0]["choices"] == list("ABCDE")
+    with pytest.raises(ValueError, match="fewshot_set must be 1, 2 or 3"):
+        sources.bioinstructqa_docs("MedQA", fewshot_set=4)
+
+
+def test_medmcqa_inst_prompt() -> None:
+    raw = fixtures.medmcqa_rows()[0]
+    doc = sources.medmcqa_docs()[0]
+    assert doc["prompt"] == (
+        f"Question:\n{raw['question']}\nOptions:\nA. {raw['opa']}\nB. {raw['opb']}\nC. {raw['opc']}\nD. {raw['opd']}\n"
+        "[INST] Solve this Multiple Choice Question and provide the correct option out of four options(A,B,C,D) "
+        "as the answer. [/INST]\nAnswer:"
+    )
+    assert doc["gold"] == raw["cop"]
+
+
+def test_truthfulqa_join_counts_and_loud_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in sources.TRUTHFULQA_HEALTH_CATEGORIES}
+    assert counts == {"Health": 2, "Nutrition": 3, "Psychology": 4, "Science": 5}
+    generation, multiple_choice = fixtures.truthfulqa_rows()
+    multiple_choice[0] = {**multiple_choice[0], "question": multiple_choice[0]["question"] + " "}
+    broken = fixtures.build_data_mirror(tmp_path, truthfulqa=(generation, multiple_choice))
+    monkeypatch.setenv("MEDMERGE_DATA_DIR", str(broken))
+    with pytest.raises(ValueError, match="1 multiple_choice question"):
+        sources.truthfulqa_docs("Health", "truthfulqa_plain")
+
+
+@pytest.mark.skipif(not SHARED_TRUTHFULQA.exists(), reason="needs ../shared/data/TruthfulQA.csv")
+def test_real_truthfulqa_categories_give_99_health_questions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    with open(SHARED_TRUTHFULQA, newline="") as f:
+        rows = list(csv.DictReader(f))
+    generation = [
+        {
+            "type": r["Type"],
+            "category": r["Category"],
+            "question": r["Question"],
+            "best_answer": r["Best Answer"],
+            "correct_answers": r["Correct Answers"].split("; "),
+            "incorrect_answers": r["Incorrect Answers"].split("; "),
+            "source": r["Source"],
+        }
+        for r in rows
+    ]
+    multiple_choice = [
+        {
+            "question": g["question"],
+            "mc1_targets": {
+                "choices": [g["best_answer"], *g["incorrect_answers"]],
+                "labels": [1] + [0] * len(g["incorrect_answers"]),
+            },
+            "mc2_targets": {
+                "choices": g["correct_answers"] + g["incorrect_answers"],
+                "labels": [1] * len(g["correct_answers"]) + [0] * len(g["incorrect_answers"]),
+            },
+        }
+        for g in generation
+    ]
+    monkeypatch.setenv(
+        "MEDMERGE_DATA_DIR", str(fixtures.build_data_mirror(tmp_path, truthfulqa=(generation, multiple_choice)))
+    )
+    assert len(rows) == 817
+    counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in sources.TRUTHFULQA_HEALTH_CATEGORIES}
+    assert counts == {"Health": 55, "Nutrition": 16, "Psychology": 19, "Science": 9}
+
+
+def test_missing_dataset_names_it_and_how_to_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDMERGE_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(sources.DatasetMissing) as info:
+        sources.medmcqa_docs()
+    assert "openlifescienceai/medmcqa" in str(info.value) and "medmerge data pull" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- gold alignment: an oracle that knows the answers from the raw records scores 1, its opposite 0 ----------
+
+
+def _raw_gold() -> tuple[dict[str, str], dict[str, set[str]]]:
+    letters = {r["question"]: r["correct_answer_letter"] for r in fixtures.bioinstructqa_records()}
+    letters |= {r["question"]: "ABCD"[r["cop"]] for r in fixtures.medmcqa_rows()}
+    generation, multiple_choice = fixtures.truthfulqa_rows()
+    true = {}
+    for row in multiple_choice:
+        labelled = list(zip(row["mc1_targets"]["choices"], row["mc1_targets"]["labels"]))
+        labelled += list(zip(row["mc2_targets"]["choices"], row["mc2_targets"]["labels"]))
+        true[row["question"]] = {c for c, label in labelled if label}
+    return letters, true
+
+
+def _question(context: str) -> str:
+    if "**Question:** " in context:
+        return context.rsplit("**Question:** ", 1)[1].split(" \n ", 1)[0]
+    if context.startswith("Question:\n"):
+        return context.split("Question:\n", 1)[1].split("\nOptions:", 1)[0]
+    return context.rsplit("Q: ", 1)[1].split("\nA:", 1)[0]
+
+
+def make_oracle(good: bool):
+    from lm_eval.api.model import LM
+
+    letters, true = _raw_gold()
+
+    class Oracle(LM):
+        def loglikelihood(self, requests):
+            out = []
+            for req in requests:
+                context, continuation = req.args
+                question = _question(context)
+                gold = (
+                    (continuation.strip() == letters[question])
+                    if question in letters
+                    else (continuation.strip() in true[question])
+                )
+                out.append((0.0 if gold == good else -50.0, gold == good))
+            return out
+
+        def generate_until(self, requests):
+            return [letters[_question(req.args[0])] if good else "?" for req in requests]
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    return Oracle()
+
+
+ALL = [
+    "medmerge_bioinstructqa",
+    "medmerge_bioinstructqa_exact",
+    "medmerge_truthfulqa_health",
+    "medmerge_truthfulqa_health_truthful",
+    "medmerge_medmcqa_inst",
+]
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["oracle", "anti-oracle"])
+def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> None:
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(model=make_oracle(good), tasks=ALL)["results"]
+    assert set(BIO_TASKS) | {f"{t}_exact" for t in BIO_TASKS} | {"medmerge_medmcqa_inst"} <= set(results)
+    assert len(results) == 10 + 10 + 8 + 1 + 4  # leaf tasks + groups
+    for name, metrics in results.items():
+        for key, value in metrics.items():
+            if key.endswith(",none") and "stderr" not in key:
+                if key.startswith("mc2"):
+                    assert (value > 1 - 1e-9) if good else (value < 1e-9), (name, key, value)
+                else:
+                    assert value == (1.0 if good else 0.0), (name, key, value)
+
+
+def test_metadata_picks_the_shot_set() -> None:
+    from lm_eval.tasks import TaskManager
+
+    def prompt(fewshot_set: int) -> str:
+        tasks = TaskManager(metadata={"fewshot_set": fewshot_set}).load(["medmerge_medqa_4options"])["tasks"]
+        task = tasks["medmerge_medqa_4options"]
+        return task.doc_to_text(task.test_docs()[0])
+
+    assert prompt(1) == sources.bioinstructqa_docs("MedQA", 1)[0]["prompt"]
+    assert prompt(3) == sources.bioinstructqa_docs("MedQA", 3)[0]["prompt"] != prompt(1)
+
+
+def test_group_reports_unweighted_and_size_weighted_means(mirror: Path) -> None:
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(model=make_oracle(True), tasks=["medmerge_bioinstructqa"], limit=None)
+    group = results["results"]["medmerge_bioinstructqa"]
+    assert group["acc,none"] == 1.0 and group["acc_size_weighted,none"] == 1.0
+
+
+# --- discovery without --include_path ------------------------------------------------------------------
+
+
+def _env(mirror: Path) -> dict[str, str]:
+    return {**os.environ, "MEDMERGE_DATA_DIR": str(mirror), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_lm_eval_ls_lists_our_tasks(mirror: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "ls", "tasks"], capture_output=True, text=True, env=_env(mirror), timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ["medmerge_mmlu_med", "medmerge_bioinstructqa", "medmerge_truthfulqa_health", "medmerge_medmcqa_inst"]:
+        assert name in out.stdout
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_runs_mmlu_med_on_a_tiny_model(tiny, mirror: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tiny['base']}",
+            "--tasks",
+            "medmerge_mmlu_med",
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(mirror),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "medmerge_mmlu_med" in out.stdout and "medmerge_mmlu_anatomy" in out.stdout
+    assert list((tmp_path / "results").rglob("results_*.json"))
+
+
+@pytest.mark.slow
+def test_python_api_runs_the_bioinstructqa_group_on_a_tiny_model(tiny) -> None:
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tiny['base']},dtype=float32",
+        tasks=["medmerge_bioinstructqa"],
+        limit=2,
+        batch_size=4,
+        device="cpu",
+    )
+    assert set(BIO_TASKS) <= set(results["results"]) and "medmerge_bioinstructqa" in results["results"]
