@@ -18,6 +18,7 @@ from merge.io.checkpoint import Checkpoint
 from merge.io.hub import open_model
 from merge.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
 from merge.methods import MergeCall
+from merge.methods.task_arithmetic import bernoulli_masks
 from merge.plan import MergePlan, TensorJob, build_plan
 from merge.recipe import Recipe, load_recipe
 
@@ -43,14 +44,22 @@ def plan_merge(recipe: Recipe, *, weights: bool) -> tuple[MergePlan, dict[str, C
     return build_plan(recipe, models), models
 
 
-def merge_tensor(job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, seed: int) -> torch.Tensor:
+def keep_masks(job: TensorJob, plan: MergePlan, seed: int) -> list[torch.Tensor | None] | None:
+    """DARE's masks for one tensor (None for deterministic methods), from a PCG64 stream seeded by
+    (seed, tensor name): independent of tensor order, sharding, threads and device."""
+    if not plan.recipe.method.random or job.copy_only:
+        return None
+    rng = np.random.Generator(np.random.PCG64(tensor_seed(seed, job.output.name)))
+    densities = [s.params["density"] for i, s in enumerate(job.sources) if i != job.base_index]
+    return bernoulli_masks(rng, job.output.numel, densities)
+
+
+def merge_tensor(job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, masks: list | None) -> torch.Tensor:
     """Apply the recipe's method to one job's input tensors (already in the merge dtype, on the device)."""
     if job.copy_only:
         return inputs[0]
-    method = plan.recipe.method
-    rng = np.random.Generator(np.random.PCG64(tensor_seed(seed, job.output.name))) if method.random else None
-    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], rng)
-    return method.apply(call).to(job.output.dtype)
+    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], masks)
+    return plan.recipe.method.apply(call).to(job.output.dtype)
 
 
 def run_merge(
@@ -78,24 +87,18 @@ def run_merge(
     merge_dtype = recipe.merge_dtype
     target = torch.device(device)
 
-    def load(job: TensorJob) -> list[torch.Tensor]:
+    def load(job: TensorJob) -> tuple[list[torch.Tensor], list | None]:
         inputs = [models[s.model].read(s.tensor, None if job.copy_only else merge_dtype) for s in job.sources]
-        return [x.to(target) for x in inputs]
+        return [x.to(target) for x in inputs], keep_masks(job, plan, seed)
 
     try:
         with atomic_output_dir(out, overwrite) as staging:
             writer = ShardedWriter(staging, [j.output for j in plan.jobs], shard_bytes, {"medmerge_seed": str(seed)})
-            # Read the next tensor's inputs while this one is merged: file reads and torch ops release the GIL.
-            with ThreadPoolExecutor(max_workers=1) as reader:
-                pending: Future[list[torch.Tensor]] | None = reader.submit(load, plan.jobs[0]) if plan.jobs else None
-                for index, job in enumerate(plan.jobs):
-                    assert pending is not None
-                    inputs = pending.result()
-                    pending = reader.submit(load, plan.jobs[index + 1]) if index + 1 < len(plan.jobs) else None
-                    writer.write(job.output.name, merge_tensor(job, inputs, plan, seed))
-                    del inputs
-                    if progress:
-                        progress(index + 1, len(plan.jobs), job.output.name)
+            try:
+                _merge_all(plan, load, writer, progress)
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
             recipe_text = Path(recipe_path).read_text(encoding="utf-8")
             write_metadata(plan, {ref: m.directory for ref, m in models.items()}, staging, recipe_text, seed)
@@ -103,3 +106,32 @@ def run_merge(
         for model in models.values():
             model.close()
     return MergeResult(out, plan, time.perf_counter() - start)
+
+
+def _merge_all(
+    plan: MergePlan,
+    load: Callable[[TensorJob], tuple[list[torch.Tensor], list | None]],
+    writer: ShardedWriter,
+    progress: Progress | None,
+) -> None:
+    """Every job in plan order. The next job's inputs are read (and its DARE masks drawn) and the previous
+    result written while this one is merged (file I/O, numpy's generator and torch ops release the GIL);
+    one tensor in flight each way keeps memory flat."""
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
+        pending: Future[tuple[list[torch.Tensor], list | None]] | None = (
+            reader.submit(load, plan.jobs[0]) if plan.jobs else None
+        )
+        written: Future[None] | None = None
+        for index, job in enumerate(plan.jobs):
+            assert pending is not None
+            inputs, masks = pending.result()
+            pending = reader.submit(load, plan.jobs[index + 1]) if index + 1 < len(plan.jobs) else None
+            merged = merge_tensor(job, inputs, plan, masks)
+            del inputs
+            if written is not None:
+                written.result()
+            written = writing.submit(writer.write, job.output.name, merged)
+            if progress:
+                progress(index + 1, len(plan.jobs), job.output.name)
+        if written is not None:
+            written.result()

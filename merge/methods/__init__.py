@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from merge.methods.linear import linear
@@ -42,7 +41,7 @@ class MergeCall:
     base_index: int | None
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
-    rng: np.random.Generator | None = None  # DARE masks: one numpy PCG64 stream per output tensor
+    keep_masks: list[torch.Tensor | None] | None = None  # DARE: one Bernoulli mask per non-base input
 
     def base_and_others(self) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
         assert self.base_index is not None
@@ -100,13 +99,12 @@ def _ties(c: MergeCall) -> torch.Tensor:
 def _dare(function: Callable[..., torch.Tensor]) -> Callable[[MergeCall], torch.Tensor]:
     def apply(c: MergeCall) -> torch.Tensor:
         base, others, mp = c.base_and_others()
-        assert c.rng is not None
+        assert c.keep_masks is not None
         return function(
             base,
             others,
             [p["weight"] for p in mp],
-            [p["density"] for p in mp],
-            c.rng,
+            c.keep_masks,
             rescale=c.params["rescale"],
             normalize=c.params["normalize"],
             lambda_=c.params["lambda"],

@@ -32,7 +32,7 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1 or k >= n:
         return delta
     keep = _top_k_magnitude_mask(delta.reshape(-1), k)
-    return delta * keep.reshape(delta.shape)
+    return delta * keep.reshape(delta.shape)  # a product, not a fill: dropped negatives stay -0.0, as in mergekit
 
 
 def _top_k_magnitude_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,41 +58,48 @@ def _top_k_magnitude_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
     return above
 
 
-def random_prune(delta: torch.Tensor, density: float, rng: np.random.Generator, rescale: bool) -> torch.Tensor:
-    """DARE "drop and rescale" (Yu et al. 2024): keep each entry with probability p = density.
+def bernoulli_masks(rng: np.random.Generator, numel: int, densities: Sequence[float]) -> list[torch.Tensor | None]:
+    """DARE's keep masks, m_i ~ Bernoulli(density_i) for each model in order (None where density >= 1).
 
-        m ~ Bernoulli(p) elementwise,   τ̂ = m ⊙ τ · (‖τ‖₁ / ‖m ⊙ τ‖₁)   (rescale=True)
+    Drawn on the CPU from one numpy PCG64 stream, so a seed gives the same masks on every device and
+    thread count; they may be drawn ahead of the merge (medmerge draws them while reading inputs)."""
+    return [None if d >= 1 else torch.from_numpy(rng.random(numel, dtype=np.float32) < d) for d in densities]
+
+
+def random_prune(delta: torch.Tensor, keep: torch.Tensor | None, rescale: bool) -> torch.Tensor:
+    """DARE "drop and rescale" (Yu et al. 2024), given the Bernoulli(p = density) keep mask m:
+
+        τ̂ = m ⊙ τ · (‖τ‖₁ / ‖m ⊙ τ‖₁)   (rescale=True)
 
     The paper rescales by 1/p; mergekit 0.1.5 (and so medmerge) matches the L1 norm instead, which is
-    1/p in expectation and exact per tensor. The mask is drawn on the CPU from `rng` (numpy PCG64) and
-    the L1 norms are exact, order-free sums, so a seed gives the same bytes on every device and thread count.
+    1/p in expectation and exact per tensor. The L1 norms are exact, order-free sums, so the result does
+    not depend on device or thread count. `keep` None keeps everything (density 1).
     """
-    if density >= 1:
+    if keep is None:
         return delta
-    keep = torch.from_numpy(rng.random(delta.numel(), dtype=np.float32) < density).to(delta.device)
+    keep = keep.to(delta.device).reshape(-1)
+    magnitude = delta.abs().reshape(-1)
     pruned = delta * keep.reshape(delta.shape)
     if not rescale:
         return pruned
-    before, after = l1_norm(delta), l1_norm(delta, keep)
+    before, after = l1_norm(magnitude), l1_norm(torch.where(keep, magnitude, 0))
     if before < 1e-7 or after < 1e-7:
         return pruned
-    return pruned * (before / after)  # computed in float32, rounded once to delta's dtype
+    return pruned.mul_(before / after)  # computed in float32, rounded once to delta's dtype
 
 
-def l1_norm(t: torch.Tensor, keep: torch.Tensor | None = None) -> float:
-    """Σ|t| (over `keep` only, if given), correctly rounded and independent of summation order.
+def l1_norm(magnitude: torch.Tensor) -> float:
+    """Σ of non-negative `magnitude`, correctly rounded and independent of summation order.
 
     16-bit floats have 2**15 magnitudes: count each bit pattern, then add count × value exactly (fsum).
     Other dtypes fall back to a float64 sum.
     """
-    magnitude = t.abs().reshape(-1)
-    if keep is not None:
-        magnitude = torch.where(keep.reshape(-1), magnitude, 0)
-    if magnitude.element_size() != 2:
-        return float(magnitude.sum(dtype=torch.float64))
-    counts = torch.bincount(magnitude.view(torch.int16), minlength=1 << 15).cpu()
+    flat = magnitude.reshape(-1)
+    if flat.element_size() != 2:
+        return float(flat.sum(dtype=torch.float64))
+    counts = torch.bincount(flat.view(torch.int16), minlength=1 << 15).cpu()
     present = counts.nonzero().reshape(-1)
-    values = present.to(torch.int16).view(t.dtype).double()
+    values = present.to(torch.int16).view(magnitude.dtype).double()
     return math.fsum((counts[present].double() * values).tolist())
 
 
@@ -194,8 +201,7 @@ def dare_linear(
     base: torch.Tensor,
     others: Sequence[torch.Tensor],
     weights: Sequence[float],
-    densities: Sequence[float],
-    rng: np.random.Generator,
+    keep: Sequence[torch.Tensor | None],
     *,
     rescale: bool = True,
     normalize: bool = False,
@@ -206,7 +212,7 @@ def dare_linear(
         base,
         others,
         weights,
-        prune=lambda d, i: random_prune(d, densities[i], rng, rescale),
+        prune=lambda d, i: random_prune(d, keep[i], rescale),
         normalize=normalize,
         lambda_=lambda_,
     )
@@ -216,8 +222,7 @@ def dare_ties(
     base: torch.Tensor,
     others: Sequence[torch.Tensor],
     weights: Sequence[float],
-    densities: Sequence[float],
-    rng: np.random.Generator,
+    keep: Sequence[torch.Tensor | None],
     *,
     rescale: bool = True,
     normalize: bool = False,
@@ -228,7 +233,7 @@ def dare_ties(
         base,
         others,
         weights,
-        prune=lambda d, i: random_prune(d, densities[i], rng, rescale),
+        prune=lambda d, i: random_prune(d, keep[i], rescale),
         sign_consensus=True,
         normalize=normalize,
         lambda_=lambda_,

@@ -12,6 +12,7 @@ from merge.methods.linear import linear
 from merge.methods.passthrough import passthrough
 from merge.methods.slerp import BLOCK, slerp
 from merge.methods.task_arithmetic import (
+    bernoulli_masks,
     dare_linear,
     dare_ties,
     l1_norm,
@@ -117,23 +118,35 @@ def test_magnitude_prune_matches_a_stable_sort(dtype: torch.dtype) -> None:
         assert torch.equal(magnitude_prune(delta, density), expected)
 
 
+def mask(seed: int, delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    return bernoulli_masks(np.random.default_rng(seed), delta.numel(), [density])[0]
+
+
+def test_bernoulli_masks_are_seeded_in_model_order() -> None:
+    a = bernoulli_masks(np.random.default_rng(1), 1000, [0.5, 1.0, 0.2])
+    b = bernoulli_masks(np.random.default_rng(1), 1000, [0.5, 1.0, 0.2])
+    assert a[1] is None and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert a[2].float().mean().item() == pytest.approx(0.2, abs=0.05)
+
+
 def test_random_prune_is_seeded_rescales_l1_and_keeps_about_density() -> None:
     delta = torch.randn(200, 100)
-    a = random_prune(delta, 0.3, np.random.default_rng(5), rescale=True)
-    b = random_prune(delta, 0.3, np.random.default_rng(5), rescale=True)
+    a = random_prune(delta, mask(5, delta, 0.3), rescale=True)
+    b = random_prune(delta, mask(5, delta, 0.3), rescale=True)
     assert torch.equal(a, b)
     assert (a != 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
     assert a.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
-    raw = random_prune(delta, 0.3, np.random.default_rng(5), rescale=False)
+    raw = random_prune(delta, mask(5, delta, 0.3), rescale=False)
     assert torch.equal(raw != 0, a != 0) and torch.equal(raw[raw != 0], delta[raw != 0])
 
 
 def test_l1_norm_is_exact_for_16_bit_floats() -> None:
     t = (torch.randn(100_000) * 0.01).bfloat16()
     exact = math.fsum(t.double().abs().tolist())
-    assert l1_norm(t) == exact
+    assert l1_norm(t.abs()) == exact
     keep = torch.rand(100_000) < 0.3
-    assert l1_norm(t, keep) == math.fsum(t[keep].double().abs().tolist())
+    assert l1_norm(t[keep].abs()) == math.fsum(t[keep].double().abs().tolist())
+    assert l1_norm(t.float().abs()) == pytest.approx(exact, rel=1e-12)
 
 
 def test_random_prune_independent_of_thread_count() -> None:
@@ -141,9 +154,9 @@ def test_random_prune_independent_of_thread_count() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = random_prune(delta, 0.5, np.random.default_rng(9), rescale=True)
+        one = random_prune(delta, mask(9, delta, 0.5), rescale=True)
         torch.set_num_threads(max(2, threads))
-        many = random_prune(delta, 0.5, np.random.default_rng(9), rescale=True)
+        many = random_prune(delta, mask(9, delta, 0.5), rescale=True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
@@ -151,10 +164,10 @@ def test_random_prune_independent_of_thread_count() -> None:
 
 def test_dare_density_one_is_deterministic_and_equals_no_pruning() -> None:
     base, x, y = torch.randn(30, 30), torch.randn(30, 30), torch.randn(30, 30)
-    g = np.random.default_rng(0)
-    assert torch.equal(dare_linear(base, [x, y], [0.5, 0.5], [1.0, 1.0], g), task_arithmetic(base, [x, y], [0.5, 0.5]))
+    keep_all = bernoulli_masks(np.random.default_rng(0), base.numel(), [1.0, 1.0])
+    assert torch.equal(dare_linear(base, [x, y], [0.5, 0.5], keep_all), task_arithmetic(base, [x, y], [0.5, 0.5]))
     assert torch.equal(
-        dare_ties(base, [x, y], [1.0, 1.0], [1.0, 1.0], g, normalize=True), ties(base, [x, y], [1.0, 1.0], [1.0, 1.0])
+        dare_ties(base, [x, y], [1.0, 1.0], keep_all, normalize=True), ties(base, [x, y], [1.0, 1.0], [1.0, 1.0])
     )
 
 
@@ -176,6 +189,7 @@ def test_passthrough() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dare_same_bytes_on_gpu_and_cpu() -> None:
     base, x = torch.randn(512, 256).bfloat16(), torch.randn(512, 256).bfloat16()
-    cpu = dare_ties(base, [x], [0.5], [0.5], np.random.default_rng(3))
-    gpu = dare_ties(base.cuda(), [x.cuda()], [0.5], [0.5], np.random.default_rng(3)).cpu()
+    keep = bernoulli_masks(np.random.default_rng(3), base.numel(), [0.5])
+    cpu = dare_ties(base, [x], [0.5], keep)
+    gpu = dare_ties(base.cuda(), [x.cuda()], [0.5], keep).cpu()
     assert torch.equal(cpu, gpu)

@@ -147,7 +147,7 @@ def test_dare_mask_depends_on_tensor_name_not_plan_order(tiny) -> None:
     import tempfile
 
     from merge.recipe import load_recipe
-    from merge.run import merge_tensor, plan_merge
+    from merge.run import keep_masks, merge_tensor, plan_merge
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "r.yaml"
@@ -156,7 +156,7 @@ def test_dare_mask_depends_on_tensor_name_not_plan_order(tiny) -> None:
 
         def merged(job):
             inputs = [models[s.model].read(s.tensor, torch.bfloat16) for s in job.sources]
-            return merge_tensor(job, inputs, plan, seed=1)
+            return merge_tensor(job, inputs, plan, keep_masks(job, plan, seed=1))
 
         forward = {j.output.name: merged(j) for j in plan.jobs}
         backward = {j.output.name: merged(j) for j in reversed(plan.jobs)}
