@@ -33,7 +33,6 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmerge.tiny import build_model, build_tokenizer, perturbed_copy  # noqa: E402
-from merge.methods.task_arithmetic import _top_k_magnitude_mask  # noqa: E402
 from merge.recipe import DTYPES  # noqa: E402
 from merge.run import run_merge  # noqa: E402
 
@@ -160,9 +159,9 @@ def ties_threshold_ties(recipe: dict, model_dirs: dict[str, Path], name: str, po
             continue
         delta = (load_all(model_dirs[m["model"]])[name].to(dtype) - base).reshape(-1)
         k = max(1, int(density * delta.numel()))
-        keep = _top_k_magnitude_mask(delta, k)
-        threshold = delta.abs()[keep].min()
-        hit |= delta.abs()[positions] == threshold
+        magnitude = delta.abs().float()
+        threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values  # the k-th largest |delta|
+        hit |= magnitude[positions] == threshold
     return int(hit.sum())
 
 

@@ -25,37 +25,61 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
 
     Entries of equal magnitude at the threshold are kept in flat-index order, so the result is
     deterministic on every device (mergekit sorts with an unstable argsort and keeps an arbitrary subset
-    of them: the same count, possibly other positions).
+    of them: the same count, possibly other positions). O(n), no sort.
     """
     n = delta.numel()
     k = max(1, int(density * n))
     if density >= 1 or k >= n:
         return delta
-    keep = _top_k_magnitude_mask(delta.reshape(-1), k)
-    return delta * keep.reshape(delta.shape)  # a product, not a fill: dropped negatives stay -0.0, as in mergekit
+    flat = delta.reshape(-1)
+    if flat.element_size() != 2:
+        return (flat * _top_k_mask_by_value(flat.abs(), k)).reshape(delta.shape)
+    # Non-negative 16-bit floats order like their bit patterns: a 32768-bin histogram of |τ| gives the
+    # threshold pattern and how many entries lie strictly above it.
+    at_least = _magnitude_counts(flat).flip(0).cumsum(0).flip(0)  # at_least[b] = #entries with bits >= b
+    threshold = int((at_least >= k).nonzero().max())
+    ties_to_keep = k - (int(at_least[threshold + 1]) if threshold + 1 < at_least.numel() else 0)
+    out = torch.empty_like(flat)
+    for block in _blocks(n):
+        d = flat[block]
+        bits = d.abs().view(torch.int16)
+        keep = bits > threshold
+        if ties_to_keep > 0:
+            tied = (bits == threshold).nonzero().reshape(-1)[:ties_to_keep]
+            keep[tied] = True
+            ties_to_keep -= tied.numel()
+        out[block] = d * keep  # a product, not a fill: dropped negatives stay -0.0, as in mergekit
+    return out.reshape(delta.shape)
 
 
-def _top_k_magnitude_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest |flat|, ties broken towards lower indices. O(n): no sort."""
-    magnitude = flat.abs()
-    if magnitude.element_size() == 2:
-        # Non-negative 16-bit floats order like their bit patterns: a 32768-bin histogram gives the
-        # threshold and how many entries lie above it in one pass (a sort is ~10x slower).
-        bits = magnitude.view(torch.int16)
-        at_least = torch.bincount(bits, minlength=1 << 15).flip(0).cumsum(0).flip(0)  # [b] = #(bits >= b)
-        threshold = int((at_least >= k).nonzero().max())
-        above = bits > threshold
-        n_above = int(at_least[threshold + 1]) if threshold + 1 < at_least.numel() else 0
-        tied = bits == threshold
-    else:
-        values = magnitude.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
-        threshold_value = torch.kthvalue(values, values.numel() - k + 1).values
-        above = values > threshold_value
-        n_above = int(above.sum())
-        tied = values == threshold_value
-    if k > n_above:
-        above[tied.nonzero().reshape(-1)[: k - n_above]] = True
+def _top_k_mask_by_value(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of a float32/float64 `magnitude`, ties towards lower indices."""
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    above = magnitude > threshold
+    missing = k - int(above.sum())
+    if missing > 0:
+        above[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
     return above
+
+
+def _blocks(n: int) -> list[slice]:
+    return [slice(start, start + BLOCK) for start in range(0, n, BLOCK)]
+
+
+def _magnitude_counts(flat: torch.Tensor) -> torch.Tensor:
+    """How many entries of a 16-bit float tensor have each |value| bit pattern (2**15 bins)."""
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
+    for block in _blocks(flat.numel()):
+        counts += torch.bincount(flat[block].abs().view(torch.int16), minlength=1 << 15)
+    return counts
+
+
+def _exact_sum(counts: torch.Tensor, dtype: torch.dtype) -> float:
+    """Σ count[b] · value(b) over 16-bit bit patterns b: each product is exact in float64, fsum rounds once."""
+    counts = counts.cpu()
+    present = counts.nonzero().reshape(-1)
+    values = present.to(torch.int16).view(dtype).double()
+    return math.fsum((counts[present].double() * values).tolist())
 
 
 def bernoulli_masks(rng: np.random.Generator, numel: int, densities: Sequence[float]) -> list[torch.Tensor | None]:
@@ -72,35 +96,33 @@ def random_prune(delta: torch.Tensor, keep: torch.Tensor | None, rescale: bool) 
         τ̂ = m ⊙ τ · (‖τ‖₁ / ‖m ⊙ τ‖₁)   (rescale=True)
 
     The paper rescales by 1/p; mergekit 0.1.5 (and so medmerge) matches the L1 norm instead, which is
-    1/p in expectation and exact per tensor. The L1 norms are exact, order-free sums, so the result does
-    not depend on device or thread count. `keep` None keeps everything (density 1).
+    1/p in expectation and exact per tensor. For 16-bit floats the L1 norms are exact, order-free sums,
+    so the result does not depend on device or thread count. `keep` None keeps everything (density 1).
     """
     if keep is None:
         return delta
-    keep = keep.to(delta.device).reshape(-1)
-    magnitude = delta.abs().reshape(-1)
-    pruned = delta * keep.reshape(delta.shape)
+    flat, keep = delta.reshape(-1), keep.to(delta.device).reshape(-1)
+    pruned = torch.empty_like(flat)
+    sixteen_bit = flat.element_size() == 2
+    before = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device) if sixteen_bit else 0.0
+    after = torch.zeros_like(before) if sixteen_bit else 0.0
+    for block in _blocks(flat.numel()):
+        d = flat[block]
+        p = pruned[block] = d * keep[block]
+        if rescale and sixteen_bit:
+            before += torch.bincount(d.abs().view(torch.int16), minlength=1 << 15)
+            after += torch.bincount(p.abs().view(torch.int16), minlength=1 << 15)
+        elif rescale:
+            before += float(d.abs().sum(dtype=torch.float64))
+            after += float(p.abs().sum(dtype=torch.float64))
+    pruned = pruned.reshape(delta.shape)
     if not rescale:
         return pruned
-    before, after = l1_norm(magnitude), l1_norm(torch.where(keep, magnitude, 0))
+    if sixteen_bit:
+        before, after = _exact_sum(before, delta.dtype), _exact_sum(after, delta.dtype)
     if before < 1e-7 or after < 1e-7:
         return pruned
     return pruned.mul_(before / after)  # computed in float32, rounded once to delta's dtype
-
-
-def l1_norm(magnitude: torch.Tensor) -> float:
-    """Σ of non-negative `magnitude`, correctly rounded and independent of summation order.
-
-    16-bit floats have 2**15 magnitudes: count each bit pattern, then add count × value exactly (fsum).
-    Other dtypes fall back to a float64 sum.
-    """
-    flat = magnitude.reshape(-1)
-    if flat.element_size() != 2:
-        return float(flat.sum(dtype=torch.float64))
-    counts = torch.bincount(flat.view(torch.int16), minlength=1 << 15).cpu()
-    present = counts.nonzero().reshape(-1)
-    values = present.to(torch.int16).view(magnitude.dtype).double()
-    return math.fsum((counts[present].double() * values).tolist())
 
 
 def merge_task_vectors(

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from merge.methods.common import BLOCK
 from merge.methods.linear import linear
 from merge.methods.passthrough import passthrough
-from merge.methods.slerp import BLOCK, slerp
+from merge.methods.slerp import slerp
 from merge.methods.task_arithmetic import (
+    _exact_sum,
+    _magnitude_counts,
     bernoulli_masks,
     dare_linear,
     dare_ties,
-    l1_norm,
     magnitude_prune,
     merge_task_vectors,
     random_prune,
@@ -140,13 +142,18 @@ def test_random_prune_is_seeded_rescales_l1_and_keeps_about_density() -> None:
     assert torch.equal(raw != 0, a != 0) and torch.equal(raw[raw != 0], delta[raw != 0])
 
 
-def test_l1_norm_is_exact_for_16_bit_floats() -> None:
-    t = (torch.randn(100_000) * 0.01).bfloat16()
-    exact = math.fsum(t.double().abs().tolist())
-    assert l1_norm(t.abs()) == exact
-    keep = torch.rand(100_000) < 0.3
-    assert l1_norm(t[keep].abs()) == math.fsum(t[keep].double().abs().tolist())
-    assert l1_norm(t.float().abs()) == pytest.approx(exact, rel=1e-12)
+def test_l1_sums_are_exact_for_16_bit_floats() -> None:
+    t = (torch.randn(3 * BLOCK // 2) * 0.01).bfloat16()
+    assert _exact_sum(_magnitude_counts(t), t.dtype) == math.fsum(t.double().abs().tolist())
+
+
+def test_random_prune_rescale_matches_the_exact_l1_ratio() -> None:
+    delta = (torch.randn(3 * BLOCK // 2) * 0.01).bfloat16()
+    keep = torch.rand(delta.numel()) < 0.4
+    before = math.fsum(delta.double().abs().tolist())
+    after = math.fsum(delta[keep].double().abs().tolist())
+    expected = ((delta * keep).float() * (before / after)).bfloat16()
+    assert torch.equal(random_prune(delta, keep, rescale=True), expected)
 
 
 def test_random_prune_independent_of_thread_count() -> None:
