@@ -1,9 +1,10 @@
-"""Make plain `lm_eval` see medmerge's tasks (and model types) without --include_path.
+"""Make plain `lm_eval` see medmerge's tasks and model types without --include_path or extra flags.
 
 lm-eval 0.4.13 has no plugin entry points for tasks. `medmerge_tasks.pth` (installed into
 site-packages with the project) calls :func:`install` at interpreter start; it adds one tiny finder to
 `sys.meta_path` that does nothing until `lm_eval.tasks.manager` is imported, and then wraps
-`TaskManager.__init__` so every TaskManager also scans medmerge's task directory. Processes that never
+`TaskManager.__init__` so every TaskManager also scans medmerge's task directory; likewise, once
+`lm_eval.models` is imported, it registers `medmerge-hf` and `medmerge-ensemble`. Processes that never
 import lm-eval pay one failed name comparison per import. Set MEDMERGE_NO_AUTOLOAD=1 to switch it off
 (then pass `--include_path $(python -c 'import medmerge_tasks; print(medmerge_tasks.TASK_DIR)')`).
 """
@@ -17,7 +18,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-TARGETS = ("lm_eval.tasks.manager", "lm_eval.api.registry")
+TARGETS = ("lm_eval.tasks.manager", "lm_eval.models")
 
 
 class _LmEvalHook(importlib.abc.MetaPathFinder):
@@ -41,6 +42,20 @@ class _LmEvalHook(importlib.abc.MetaPathFinder):
 def after_import(name: str, module: ModuleType) -> None:
     if name == "lm_eval.tasks.manager":
         register_tasks(module)
+    elif name == "lm_eval.models":
+        register_models()
+
+
+def register_models() -> None:
+    """Register our model types lazily, *after* lm_eval.models has filled the registry: lm-eval imports its
+    built-in models only while the registry is empty, so registering earlier would hide `hf`."""
+    from lm_eval.api.registry import model_registry
+
+    from medmerge_tasks.models import MODELS
+
+    for name, target in MODELS.items():
+        if name not in model_registry.keys():
+            model_registry.register(name, target=target)
 
 
 def register_tasks(manager_module: ModuleType) -> None:
@@ -71,7 +86,7 @@ def register_tasks(manager_module: ModuleType) -> None:
 def install() -> None:
     if os.environ.get("MEDMERGE_NO_AUTOLOAD") or any(isinstance(f, _LmEvalHook) for f in sys.meta_path):
         return
-    already = sys.modules.get("lm_eval.tasks.manager")
-    if already is not None:
-        register_tasks(already)
+    for name in TARGETS:
+        if name in sys.modules:
+            after_import(name, sys.modules[name])
     sys.meta_path.insert(0, _LmEvalHook())

@@ -59,7 +59,7 @@ class OutputSlice(_Strict):
 
 
 class Recipe(_Strict):
-    """A merge recipe. Either `models` or `slices`; see docs/recipes.md for every field."""
+    """A merge recipe (mergekit's format): either `models` or `slices`; the README lists every field."""
 
     merge_method: str
     base_model: str | None = None
