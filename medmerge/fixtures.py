@@ -4,7 +4,9 @@
   root/BioMistral/BioInstructQA/data.zip        base/overall_test+prompt.json (all ten corpora, 3 shot sets)
   root/truthfulqa/truthful_qa/generation/validation-00000-of-00001.parquet
   root/truthfulqa/truthful_qa/multiple_choice/validation-00000-of-00001.parquet
-  root/openlifescienceai/medmcqa/data/validation-00000-of-00001.parquet
+  root/openlifescienceai/medmcqa/data/{validation,train}-00000-of-00001.parquet
+  root/cais/mmlu/<subject>/{test,dev}-00000-of-00001.parquet          (the six medical subjects)
+  root/GBaker/MedQA-USMLE-4-options/phrases_no_exclude_{test,train}.jsonl
 Used by the tests and the offline demo; the questions are made up, the structure is the published one.
 """
 
@@ -16,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA, TRUTHFULQA_HEALTH_CATEGORIES
+from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA, MMLU_SUBJECTS, TRUTHFULQA_HEALTH_CATEGORIES
 
 FACTS = [
     ("Which organ produces insulin?", "pancreas", ["liver", "spleen", "kidney", "thyroid"]),
@@ -103,11 +105,11 @@ def truthfulqa_rows(per_category: dict[str, int] | None = None, other: int = 3) 
     return generation, multiple_choice
 
 
-def medmcqa_rows(n: int = 8, seed: int = 1) -> list[dict[str, Any]]:
+def medmcqa_rows(n: int = 8, seed: int = 1, split: str = "validation") -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        record = _mc_record(rng, "MedMCQA validation", i, "ABCD", False)
+        record = _mc_record(rng, f"MedMCQA {split}", i, "ABCD", False)
         opts = list(record["options"].values())
         rows.append(
             {
@@ -144,4 +146,54 @@ def build_data_mirror(root: str | Path, per_corpus: int = 6, truthfulqa: tuple[l
     mcqa = root / "openlifescienceai" / "medmcqa" / "data"
     mcqa.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(medmcqa_rows()), mcqa / "validation-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(medmcqa_rows(6, seed=2, split="train")), mcqa / "train-00000-of-00001.parquet")
+    for subject in MMLU_SUBJECTS:
+        directory = root / "cais" / "mmlu" / subject
+        directory.mkdir(parents=True, exist_ok=True)
+        for split, n in (("test", 5), ("dev", 5)):
+            pq.write_table(
+                pa.Table.from_pylist(mmlu_rows(subject, split, n)), directory / f"{split}-00000-of-00001.parquet"
+            )
+    medqa = root / "GBaker" / "MedQA-USMLE-4-options"
+    medqa.mkdir(parents=True, exist_ok=True)
+    for split, n in (("test", 5), ("train", 6)):
+        rows = medqa_rows(split, n)
+        (medqa / f"phrases_no_exclude_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+def mmlu_rows(subject: str, split: str, n: int) -> list[dict[str, Any]]:
+    """cais/mmlu schema: question, subject, choices (4), answer (0-3)."""
+    rng = random.Random(f"{subject}-{split}")
+    rows = []
+    for i in range(n):
+        record = _mc_record(rng, f"mmlu {subject} {split}", i, "ABCD", False)
+        rows.append(
+            {
+                "question": record["question"],
+                "subject": subject,
+                "choices": list(record["options"].values()),
+                "answer": "ABCD".index(record["correct_answer_letter"]),
+            }
+        )
+    return rows
+
+
+def medqa_rows(split: str, n: int) -> list[dict[str, Any]]:
+    """GBaker/MedQA-USMLE-4-options schema: question, answer, options {A-D}, meta_info, answer_idx."""
+    rng = random.Random(f"medqa-{split}")
+    rows = []
+    for i in range(n):
+        record = _mc_record(rng, f"medqa {split}", i, "ABCD", False)
+        letter = record["correct_answer_letter"]
+        rows.append(
+            {
+                "question": record["question"],
+                "answer": record["options"][letter],
+                "options": record["options"],
+                "meta_info": "step1",
+                "answer_idx": letter,
+                "metamap_phrases": [],
+            }
+        )
+    return rows

@@ -54,7 +54,7 @@ def register_models() -> None:
     from medmerge_tasks.models import MODELS
 
     for name, target in MODELS.items():
-        if name not in model_registry.keys():
+        if name not in model_registry:
             model_registry.register(name, target=target)
 
 

@@ -22,10 +22,20 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+MMLU_SUBJECTS = (
+    "clinical_knowledge",
+    "medical_genetics",
+    "anatomy",
+    "professional_medicine",
+    "college_biology",
+    "college_medicine",
+)
 DATASETS: dict[str, list[str]] = {
     "BioMistral/BioInstructQA": ["data.zip", "README.md"],
     "truthfulqa/truthful_qa": ["generation/*", "multiple_choice/*", "README.md"],
-    "openlifescienceai/medmcqa": ["data/validation-*", "README.md"],
+    "openlifescienceai/medmcqa": ["data/validation-*", "data/train-*", "README.md"],
+    "cais/mmlu": [f"{subject}/*" for subject in MMLU_SUBJECTS],
+    "GBaker/MedQA-USMLE-4-options": ["*.jsonl", "*.parquet", "README.md"],
 }
 
 # BioInstructQA `corpus_name` -> (task suffix, answer letters)
@@ -149,6 +159,73 @@ def _block(record: dict[str, Any], context: str | None, answer: str) -> dict[str
         "options": list(record["options"].items()),
         "answer": answer,
     }
+
+
+# --- the original corpora, for lm-eval-sampled shots -------------------------------------------------------
+
+# BioInstructQA corpus -> hub dataset of the original corpus. MedQA-5_options and PubMedQA have no
+# script-free original with the paper's test split, so they exist only in the BioInstructQA form.
+ORIGINAL_SOURCES = {
+    **{f"MMLU_{s}": "cais/mmlu" for s in MMLU_SUBJECTS},
+    "MedQA": "GBaker/MedQA-USMLE-4-options",
+    "MedMCQA": "openlifescienceai/medmcqa",
+}
+
+
+def original_docs(corpus: str) -> dict[str, list[dict[str, Any]]]:
+    """{"test": docs, "fewshot": docs} of an original corpus, each doc one BioMistral question block.
+
+    MMLU: cais/mmlu <subject>/test (shots from dev); MedQA: GBaker/MedQA-USMLE-4-options test (shots from
+    train); MedMCQA: openlifescienceai/medmcqa validation (shots from train)."""
+    from medmerge_tasks.prompts import render
+
+    repo = ORIGINAL_SOURCES[corpus]
+    root = dataset_dir(repo)
+    if repo == "cais/mmlu":
+        subject = corpus.removeprefix("MMLU_")
+        splits = {
+            "test": _parquet_rows(root, f"{subject}/test-*.parquet"),
+            "fewshot": _parquet_rows(root, f"{subject}/dev-*.parquet"),
+        }
+        records = {k: [(r["question"], r["choices"], int(r["answer"])) for r in rows] for k, rows in splits.items()}
+    elif repo == "openlifescienceai/medmcqa":
+        splits = {
+            "test": _parquet_rows(root, "data/validation-*.parquet"),
+            "fewshot": _parquet_rows(root, "data/train-*.parquet"),
+        }
+        records = {
+            k: [(r["question"], [r["opa"], r["opb"], r["opc"], r["opd"]], int(r["cop"])) for r in rows]
+            for k, rows in splits.items()
+        }
+    else:
+        splits = {"test": _rows_matching(root, "test"), "fewshot": _rows_matching(root, "train")}
+        records = {
+            k: [(r["question"], [r["options"][x] for x in "ABCD"], "ABCD".index(r["answer_idx"])) for r in rows]
+            for k, rows in splits.items()
+        }
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split, items in records.items():
+        out[split] = []
+        for question, options, gold in items:
+            block = {"context": None, "question": question, "options": list(zip("ABCD", options)), "answer": ""}
+            out[split].append(
+                {"text": render("_bioinstructqa_block.jinja", target=block), "choices": list("ABCD"), "gold": gold}
+            )
+    return out
+
+
+def _rows_matching(root: Path, split: str) -> list[dict[str, Any]]:
+    """Rows of the .jsonl or .parquet files under `root` whose name contains `split`."""
+    files = sorted(p for p in root.rglob("*") if split in p.name and p.suffix in (".jsonl", ".parquet"))
+    if not files:
+        raise DatasetMissing(f"no {split} file (.jsonl or .parquet) under {root}")
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        else:
+            rows += _parquet_rows(f.parent, f.name)
+    return rows
 
 
 # --- TruthfulQA health ------------------------------------------------------------------------------------

@@ -70,8 +70,10 @@ def check_shared_tokenizer(members: Sequence[str], **kwargs: Any) -> None:
         vocab = AutoTokenizer.from_pretrained(member, **kwargs).get_vocab()
         if vocab != reference:
             differing = len(set(vocab.items()) ^ set(reference.items()))
-            raise ValueError(f"medmerge-ensemble: {member} does not share {members[0]}'s tokenizer "
-                             f"({differing} vocabulary entries differ); ensembles need one tokenizer")
+            raise ValueError(
+                f"medmerge-ensemble: {member} does not share {members[0]}'s tokenizer "
+                f"({differing} vocabulary entries differ); ensembles need one tokenizer"
+            )
 
 
 def _truthy(value: Any) -> bool:
@@ -79,8 +81,14 @@ def _truthy(value: Any) -> bool:
 
 
 class EnsembleLM(LM):
-    def __init__(self, pretrained: str, weights: str | None = None, combine: str = "prob",
-                 sequential: bool | str = False, **member_kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        weights: str | None = None,
+        combine: str = "prob",
+        sequential: bool | str = False,
+        **member_kwargs: Any,
+    ) -> None:
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"medmerge-ensemble: combine must be prob or logprob, got {combine!r}")
@@ -118,15 +126,19 @@ class EnsembleLM(LM):
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         per_member = self._per_member("loglikelihood", requests)
         return [
-            (combine_loglikelihoods([r[i][0] for r in per_member], self.weights, self.combine),
-             all(r[i][1] for r in per_member))  # greedy under every member (exact only for one member)
+            (
+                combine_loglikelihoods([r[i][0] for r in per_member], self.weights, self.combine),
+                all(r[i][1] for r in per_member),
+            )  # greedy under every member (exact only for one member)
             for i in range(len(requests))
         ]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         if self.combine != "logprob" and len(self.members) > 1:
-            raise NotImplementedError("medmerge-ensemble: rolling log-likelihood (perplexity tasks) needs "
-                                      "combine=logprob; a mixture must be combined token by token")
+            raise NotImplementedError(
+                "medmerge-ensemble: rolling log-likelihood (perplexity tasks) needs "
+                "combine=logprob; a mixture must be combined token by token"
+            )
         per_member = self._per_member("loglikelihood_rolling", requests)
         return [math.fsum(w * r[i] for w, r in zip(self.weights, per_member)) for i in range(len(requests))]
 

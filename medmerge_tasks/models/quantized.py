@@ -17,25 +17,31 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def bnb_config(quantization: str | None, quant_type: str = "nf4", compute_dtype: str = "bfloat16",
-               double_quant: bool | str = False) -> Any:
+def bnb_config(
+    quantization: str | None, quant_type: str = "nf4", compute_dtype: str = "bfloat16", double_quant: bool | str = False
+) -> Any:
     """A transformers BitsAndBytesConfig for `quantization` (None: no quantization). Bad values raise ValueError."""
     if quantization in (None, "", "none"):
         return None
     if quantization not in ("4bit", "8bit"):
         raise ValueError(f"medmerge-hf: quantization must be 4bit or 8bit, got {quantization!r}")
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"medmerge-hf: bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+        raise ValueError(
+            f"medmerge-hf: bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}"
+        )
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"medmerge-hf: bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                         f"got {compute_dtype!r}")
+        raise ValueError(
+            f"medmerge-hf: bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}"
+        )
     import torch
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
         bnb_4bit_use_double_quant=str(double_quant).lower() in ("true", "1"),
     )
 
@@ -49,22 +55,33 @@ def check_bitsandbytes() -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError("medmerge-hf: quantization needs bitsandbytes: pip install 'medmerge[quant]'")
     if not torch.cuda.is_available():
-        raise RuntimeError("medmerge-hf: bitsandbytes 4-/8-bit loading needs a CUDA GPU and none is available "
-                           "here; drop quantization= to evaluate in bf16/fp32")
+        raise RuntimeError(
+            "medmerge-hf: bitsandbytes 4-/8-bit loading needs a CUDA GPU and none is available "
+            "here; drop quantization= to evaluate in bf16/fp32"
+        )
 
 
 class QuantizedHFLM(HFLM):
     """HFLM that builds a BitsAndBytesConfig from `quantization=4bit|8bit` model args."""
 
-    def __init__(self, pretrained: Any = None, quantization: str | None = None, bnb_4bit_quant_type: str = "nf4",
-                 bnb_4bit_compute_dtype: str = "bfloat16", bnb_4bit_use_double_quant: bool | str = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: Any = None,
+        quantization: str | None = None,
+        bnb_4bit_quant_type: str = "nf4",
+        bnb_4bit_compute_dtype: str = "bfloat16",
+        bnb_4bit_use_double_quant: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
         for legacy in ("load_in_4bit", "load_in_8bit"):
             if kwargs.pop(legacy, False):
-                raise ValueError(f"medmerge-hf: use quantization={legacy[8:]} instead of {legacy}=True "
-                                 "(transformers 5 rejects the raw flag)")
-        self._bnb_config = bnb_config(quantization, bnb_4bit_quant_type, bnb_4bit_compute_dtype,
-                                      bnb_4bit_use_double_quant)
+                raise ValueError(
+                    f"medmerge-hf: use quantization={legacy[8:]} instead of {legacy}=True "
+                    "(transformers 5 rejects the raw flag)"
+                )
+        self._bnb_config = bnb_config(
+            quantization, bnb_4bit_quant_type, bnb_4bit_compute_dtype, bnb_4bit_use_double_quant
+        )
         if self._bnb_config is not None:
             check_bitsandbytes()
         super().__init__(pretrained=pretrained, **kwargs)

@@ -15,6 +15,11 @@ def load_bioinstructqa(corpus: str, fewshot_set: int = 1, shots: int = 3, **_: A
     return DatasetDict({"test": Dataset.from_list(sources.bioinstructqa_docs(corpus, fewshot_set, shots))})
 
 
+def load_original(corpus: str, **_: Any) -> DatasetDict:
+    """The original corpus (test + a `fewshot` split that lm-eval samples the shots from)."""
+    return DatasetDict({k: Dataset.from_list(v) for k, v in sources.original_docs(corpus).items()})
+
+
 def load_truthfulqa_health(category: str, prompt: str, **_: Any) -> DatasetDict:
     return DatasetDict({"validation": Dataset.from_list(sources.truthfulqa_docs(category, prompt))})
 

@@ -48,8 +48,11 @@ def test_bnb_config_4bit_and_8bit() -> None:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(("3bit",), "quantization must be 4bit or 8bit"), (("4bit", "nf5"), "bnb_4bit_quant_type must be one of"),
-     (("4bit", "nf4", "int8"), "bnb_4bit_compute_dtype must be one of")],
+    [
+        (("3bit",), "quantization must be 4bit or 8bit"),
+        (("4bit", "nf5"), "bnb_4bit_quant_type must be one of"),
+        (("4bit", "nf4", "int8"), "bnb_4bit_compute_dtype must be one of"),
+    ],
 )
 def test_bnb_config_rejects_bad_values(args: tuple, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -71,8 +74,9 @@ def test_quantization_config_reaches_from_pretrained(tiny, monkeypatch: pytest.M
 
     monkeypatch.setattr(quantized, "check_bitsandbytes", lambda: None)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    lm = quantized.QuantizedHFLM(pretrained=str(tiny["base"]), quantization="4bit", bnb_4bit_compute_dtype="float16",
-                                 device="cpu", batch_size=1)
+    lm = quantized.QuantizedHFLM(
+        pretrained=str(tiny["base"]), quantization="4bit", bnb_4bit_compute_dtype="float16", device="cpu", batch_size=1
+    )
     assert seen["quantization_config"].load_in_4bit
     assert seen["quantization_config"].bnb_4bit_compute_dtype == torch.float16
     assert lm.model is not None
@@ -137,8 +141,9 @@ def test_members_must_share_a_tokenizer(tiny, tmp_path: Path) -> None:
 def _evaluate(model: str, model_args: str, tasks: list[str]) -> dict:
     import lm_eval
 
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=1, device="cpu",
-                                   log_samples=True)
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=tasks, batch_size=1, device="cpu", log_samples=True
+    )
 
 
 TASKS = ["medmerge_mmlu_anatomy", "medmerge_pubmedqa_exact"]
@@ -168,23 +173,41 @@ def test_two_model_ensemble_matches_hand_combination(tiny) -> None:
     ra = _loglikelihoods(_evaluate("hf", f"pretrained={a},dtype=float32", TASKS[:1]), TASKS[0])
     rb = _loglikelihoods(_evaluate("hf", f"pretrained={b},dtype=float32", TASKS[:1]), TASKS[0])
     for combine in ("prob", "logprob"):
-        ens = _evaluate("medmerge-ensemble", f"pretrained={a}|{b},weights=0.7|0.3,combine={combine},dtype=float32",
-                        TASKS[:1])
+        ens = _evaluate(
+            "medmerge-ensemble", f"pretrained={a}|{b},weights=0.7|0.3,combine={combine},dtype=float32", TASKS[:1]
+        )
         got = _loglikelihoods(ens, TASKS[0])
         for doc_a, doc_b, doc_e in zip(ra, rb, got):
             for la, lb, le in zip(doc_a, doc_b, doc_e):
-                expected = (math.log(0.7 * math.exp(la) + 0.3 * math.exp(lb)) if combine == "prob"
-                            else 0.7 * la + 0.3 * lb)
+                expected = (
+                    math.log(0.7 * math.exp(la) + 0.3 * math.exp(lb)) if combine == "prob" else 0.7 * la + 0.3 * lb
+                )
                 assert le == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.slow
 def test_cli_runs_an_ensemble_on_bioinstructqa_tasks(tiny, mirror: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "medmerge-ensemble", "--model_args",
-         f"pretrained={tiny['ft1']}|{tiny['ft2']},weights=0.5|0.5,sequential=true", "--tasks",
-         "medmerge_mmlu_med", "--limit", "2", "--device", "cpu", "--batch_size", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "medmerge-ensemble",
+            "--model_args",
+            f"pretrained={tiny['ft1']}|{tiny['ft2']},weights=0.5|0.5,sequential=true",
+            "--tasks",
+            "medmerge_mmlu_med",
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "MEDMERGE_DATA_DIR": str(mirror), "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]

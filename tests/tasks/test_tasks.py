@@ -149,6 +149,9 @@ def test_missing_dataset_names_it_and_how_to_mirror(tmp_path: Path, monkeypatch:
 def _raw_gold() -> tuple[dict[str, str], dict[str, set[str]]]:
     letters = {r["question"]: r["correct_answer_letter"] for r in fixtures.bioinstructqa_records()}
     letters |= {r["question"]: "ABCD"[r["cop"]] for r in fixtures.medmcqa_rows()}
+    for subject in sources.MMLU_SUBJECTS:
+        letters |= {r["question"]: "ABCD"[r["answer"]] for r in fixtures.mmlu_rows(subject, "test", 5)}
+    letters |= {r["question"]: r["answer_idx"] for r in fixtures.medqa_rows("test", 5)}
     generation, multiple_choice = fixtures.truthfulqa_rows()
     true = {}
     for row in multiple_choice:
@@ -197,6 +200,7 @@ def make_oracle(good: bool):
 ALL = [
     "medmerge_bioinstructqa",
     "medmerge_bioinstructqa_exact",
+    "medmerge_bioinstructqa_original",
     "medmerge_truthfulqa_health",
     "medmerge_truthfulqa_health_truthful",
     "medmerge_medmcqa_inst",
@@ -209,7 +213,7 @@ def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> Non
 
     results = lm_eval.simple_evaluate(model=make_oracle(good), tasks=ALL)["results"]
     assert set(BIO_TASKS) | {f"{t}_exact" for t in BIO_TASKS} | {"medmerge_medmcqa_inst"} <= set(results)
-    assert len(results) == 10 + 10 + 8 + 1 + 4  # leaf tasks + groups
+    assert len(results) == 10 + 10 + 8 + 8 + 1 + 5  # leaf tasks + groups
     for name, metrics in results.items():
         for key, value in metrics.items():
             if key.endswith(",none") and "stderr" not in key:
@@ -217,6 +221,36 @@ def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> Non
                     assert (value > 1 - 1e-9) if good else (value < 1e-9), (name, key, value)
                 else:
                     assert value == (1.0 if good else 0.0), (name, key, value)
+
+
+def test_original_corpora_get_lm_eval_shots_in_biomistral_format() -> None:
+    from lm_eval.tasks import TaskManager
+
+    from medmerge_tasks.prompts import render
+
+    task = TaskManager().load(["medmerge_mmlu_anatomy_original"])["tasks"]["medmerge_mmlu_anatomy_original"]
+    doc = task.test_docs()[0]
+    context = task.fewshot_context(doc, 3)
+    dev = {r["question"]: r for r in fixtures.mmlu_rows("anatomy", "dev", 5)}
+    test = {r["question"]: r for r in fixtures.mmlu_rows("anatomy", "test", 5)}
+    questions = [q.split(" \n ", 1)[0] for q in context.split("**Question:** ")[1:]]
+    assert len(questions) == 4 and all(q in dev for q in questions[:3]) and questions[3] in test
+
+    def block(row: dict, answer: str) -> dict:
+        return {
+            "context": None,
+            "question": row["question"],
+            "options": list(zip("ABCD", row["choices"])),
+            "answer": answer,
+        }
+
+    expected = render(
+        "bioinstructqa.jinja",
+        target=block(test[questions[3]], ""),
+        shots=[block(dev[q], "ABCD"[dev[q]["answer"]]) for q in questions[:3]],
+    )
+    assert context == expected
+    assert len(task.test_docs()) == 5
 
 
 def test_metadata_picks_the_shot_set() -> None:
