@@ -49,7 +49,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medmerge.demo import run_demo
 
     report = run_demo(Path(args.dir))
-    print(f"report: {report}")
+    print(f"leaderboard: {report}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from medmerge.console import progress_bar
+    from medmerge.experiment import run_experiment
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    leaderboard = run_experiment(args.experiment, say=say, progress=lambda d: progress_bar(d, not args.quiet))
+    print(f"leaderboard: {leaderboard}")
     return 0
 
 
@@ -105,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the recipe and the models' configs/headers and print the plan; read no weights",
     )
     merge.set_defaults(func=cmd_merge)
+
+    run = sub.add_parser(
+        "run",
+        help="run an experiment file: merge, evaluate with lm-eval, report (resumable)",
+        description="Merge the experiment's recipes, evaluate merged and plain models with "
+        "lm-eval on its tasks and shot sets, and write leaderboard.md. Finished "
+        "merges and evaluations are reused (keyed by a hash of their inputs), so an "
+        "interrupted run resumes where it stopped.",
+    )
+    run.add_argument("experiment", help="the experiment YAML file")
+    run.add_argument("--quiet", action="store_true", help="no merge progress bars")
+    run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser(
         "demo",

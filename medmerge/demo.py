@@ -1,9 +1,9 @@
 """`medmerge demo`: the whole loop offline on tiny models — build, merge, evaluate with lm-eval, report.
 
-Builds a tiny Mistral-shaped base model and two "parents" (the base plus different seeded perturbations),
-merges them with SLERP, TIES and DARE-TIES through ordinary recipe files, evaluates base, parents and merges
-with lm-eval's `hf` model on medmerge's BioInstructQA and TruthfulQA-health tasks, read from synthetic
-fixture copies of the datasets (real schemas and file layouts), and writes `report.md`.
+Builds a tiny Mistral-shaped base model and two "parents" (the base plus different seeded perturbations) and
+synthetic fixture copies of the task datasets (real schemas and file layouts), then runs an ordinary
+experiment file: SLERP, TIES and DARE-TIES recipes, lm-eval's `hf` model on medmerge's BioInstructQA and
+TruthfulQA-health tasks for base, parents and merges, and `run/leaderboard.md`.
 Needs no network; a few minutes at most on 2 CPU cores.
 """
 
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from medmerge.experiment import run_experiment
 from medmerge.fixtures import build_data_mirror
 from medmerge.tiny import build_model, build_tokenizer, perturbed_copy
-from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA
-from merge.run import run_merge
 
 PARENTS = {"parent_a": 1, "parent_b": 2}
 TASKS = ["medmerge_bioinstructqa", "medmerge_truthfulqa_health", "medmerge_truthfulqa_health_truthful"]
@@ -58,59 +57,36 @@ def demo_recipes(work: Path) -> dict[str, dict]:
 
 
 def run_demo(work: Path, progress: bool = True) -> Path:
-    """Build, merge, evaluate, report; returns the report's path."""
-    import lm_eval
-
+    """Build the tiny models and fixture data, then run the demo experiment; returns the leaderboard's path."""
     say = print if progress else (lambda *a, **k: None)
+    work = work.resolve()
     models = work / "models"
     if not (models / "parent_b" / "config.json").exists():
-        say("[1/4] building a tiny base model and two parents")
+        say("building a tiny base model and two parents")
         build_tokenizer(models / "tokenizer")
         build_model(models / "base", models / "tokenizer", seed=0)
         for name, seed in PARENTS.items():
             perturbed_copy(models / "base", models / name, 0.3, seed=seed)
-    say("[2/4] merging: " + ", ".join(demo_recipes(work)))
+    os.environ["MEDMERGE_DATA_DIR"] = str(build_data_mirror(work / "data"))
     recipe_dir = work / "recipes"
     recipe_dir.mkdir(parents=True, exist_ok=True)
     for name, recipe in demo_recipes(work).items():
-        path = recipe_dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        run_merge(path, models / f"merged_{name}", overwrite=True, seed=0)
-    say("[3/4] evaluating with lm-eval on offline fixture copies of the task datasets")
-    os.environ["MEDMERGE_DATA_DIR"] = str(build_data_mirror(work / "data"))
-    rows: dict[str, dict[str, float]] = {}
-    for name in ["base", *PARENTS, *(f"merged_{n}" for n in demo_recipes(work))]:
-        result = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={models / name},dtype=float32",
-            tasks=TASKS,
-            batch_size=8,
-            device="cpu",
-            verbosity="ERROR",
-        )
-        rows[name] = {
-            task: metrics.get("acc,none", metrics.get("mc2,none")) for task, metrics in result["results"].items()
-        }
-        say(f"      {name:20} BioInstructQA avg acc {rows[name]['medmerge_bioinstructqa']:.3f}")
-    say("[4/4] writing the report")
-    columns = [
-        "medmerge_bioinstructqa",
-        *(f"medmerge_{s}" for s, _ in BIOINSTRUCTQA_CORPORA.values()),
-        "medmerge_truthfulqa_health",
-        "medmerge_truthfulqa_health_truthful",
-    ]
-    lines = [
-        "# medmerge demo",
-        "",
-        "Tiny models built on the spot and evaluated by lm-eval on synthetic fixture copies of the task",
-        "datasets. The parents are seeded perturbations of an untrained base, so scores sit near chance:",
-        "this checks the pipeline, not medicine. BioInstructQA: acc (avg = unweighted mean of the ten",
-        "corpora); TruthfulQA health: MC2.",
-        "",
-        "| model | " + " | ".join(c.removeprefix("medmerge_") for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
-    lines += [f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " |" for name, scores in rows.items()]
-    report = work / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+        (recipe_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    experiment = {
+        "work_dir": "run",
+        "recipes": [f"recipes/{name}.yaml" for name in demo_recipes(work)],
+        "models": ["models/base", *(f"models/{p}" for p in PARENTS)],
+        "tasks": TASKS,
+        "fewshot_sets": [1],
+        "lm_eval": {"model": "hf", "batch_size": 8, "dtype": "float32", "device": "cpu"},
+    }
+    path = work / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    say(f"running {path} (merges, lm-eval on synthetic fixture copies of the task datasets, leaderboard)")
+    leaderboard = run_experiment(path, say=say)
+    note = (
+        "\nTiny models built on the spot; the parents are seeded perturbations of an untrained base, so scores "
+        "sit near chance: this checks the pipeline (merge -> lm-eval -> report), not medicine.\n"
+    )
+    leaderboard.write_text(leaderboard.read_text() + note)
+    return leaderboard

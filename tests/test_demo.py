@@ -11,6 +11,7 @@ from medmerge.demo import demo_recipes, run_demo
 def test_demo_builds_merges_evaluates_and_reports(tmp_path) -> None:
     report = run_demo(tmp_path, progress=False)
     text = report.read_text()
-    for name in ["base", "parent_a", "parent_b", *(f"merged_{n}" for n in demo_recipes(tmp_path))]:
+    for name in ["base", "parent_a", "parent_b", *demo_recipes(tmp_path)]:
         assert f"| {name} | " in text
-        assert (tmp_path / "models" / name / "config.json").exists()
+    assert all((tmp_path / "run" / "models" / n / "config.json").exists() for n in demo_recipes(tmp_path))
+    assert "bioinstructqa" in text and "truthfulqa_health" in text

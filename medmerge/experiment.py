@@ -1,0 +1,219 @@
+"""`medmerge run EXPERIMENT.yaml`: merge what is not merged, evaluate what is not evaluated, write a report.
+
+Resumable: every merge and every evaluation is keyed by a hash of everything that determines it (recipe text
+and merge settings; model identity, tasks, shot set and lm-eval settings). A finished step whose key matches
+is reused; a changed recipe or setting is redone. Kill it anywhere and run again.
+
+    work_dir: runs/biomistral           # relative paths are relative to the experiment file
+    recipes: [../recipes/biomistral-instruct-slerp.yaml]   # merged into work_dir/models/<recipe name>
+    models: [BioMistral/BioMistral-7B]  # evaluated as they are (hub ids or directories)
+    tasks: [medmerge_bioinstructqa]
+    fewshot_sets: [1, 2, 3]             # BioInstructQA's fixed shot sets: one evaluation per set
+    merge: {device: cpu, seed: 0}
+    lm_eval: {model: hf, batch_size: 8, dtype: bfloat16, device: cuda, limit: null, model_args: {}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from merge.errors import RecipeError
+from merge.recipe import load_recipe
+from merge.run import Progress, run_merge
+from merge.yamlfile import field_name, line_of, load_yaml, validate_model
+
+Say = Callable[[str], None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MergeSettings(_Strict):
+    device: str = "cpu"
+    seed: int = 0
+    out_shard_size: int = 5 * 10**9
+
+
+class LmEvalSettings(_Strict):
+    model: str = "hf"
+    batch_size: int | str = 8
+    dtype: str | None = "bfloat16"
+    device: str = "cuda"
+    limit: int | float | None = None
+    model_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Experiment(_Strict):
+    work_dir: str
+    recipes: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)
+    tasks: list[str] = Field(min_length=1)
+    fewshot_sets: list[int] = Field(default_factory=lambda: [1])
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
+
+
+def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
+    """The experiment and the directory its relative paths are relative to; errors name file:line:field."""
+    data, lines = load_yaml(path)
+    experiment = validate_model(Experiment, data, path, lines)
+    assert isinstance(experiment, Experiment)
+    base = Path(path).resolve().parent
+    for i, recipe in enumerate(experiment.recipes):
+        if not (base / recipe).is_file():
+            raise RecipeError(
+                f"recipe file {recipe} not found",
+                file=path,
+                line=line_of(lines, ("recipes", i)),
+                field=field_name(("recipes", i)),
+            )
+        load_recipe(base / recipe)  # a broken recipe fails now, not after an hour of other work
+    if any(s not in (1, 2, 3) for s in experiment.fewshot_sets):
+        raise RecipeError(
+            "fewshot_sets are BioInstructQA's shot sets 1, 2 and 3",
+            file=path,
+            line=line_of(lines, ("fewshot_sets",)),
+            field="fewshot_sets",
+        )
+    return experiment, base
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_experiment(
+    path: str | Path,
+    say: Say = print,
+    progress: Callable[[str], AbstractContextManager[Progress | None]] | None = None,
+) -> Path:
+    """Run (or resume) an experiment; returns the path of its leaderboard. `progress(description)` gives a
+    context manager yielding a merge progress callback (medmerge.console.progress_bar)."""
+    experiment, base = load_experiment(path)
+    work = (base / experiment.work_dir).resolve()
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    candidates: dict[str, tuple[str, str]] = {}  # name -> (pretrained, identity key)
+
+    for i, recipe in enumerate(experiment.recipes, 1):
+        recipe_path = base / recipe
+        name = recipe_path.stem
+        out = work / "models" / name
+        key = _digest(recipe_path.read_text(), experiment.merge.model_dump())
+        if (out / ".medmerge_key").is_file() and (out / ".medmerge_key").read_text() == key:
+            say(f"[merge {i}/{len(experiment.recipes)}] {name}: up to date")
+        else:
+            say(f"[merge {i}/{len(experiment.recipes)}] {name}")
+            with progress(f"merging {name}") if progress else nullcontext() as update:
+                run_merge(
+                    recipe_path,
+                    out,
+                    device=experiment.merge.device,
+                    seed=experiment.merge.seed,
+                    shard_bytes=experiment.merge.out_shard_size,
+                    overwrite=True,
+                    progress=update,
+                )
+            (out / ".medmerge_key").write_text(key)
+        candidates[name] = (str(out), key)
+    for model in experiment.models:
+        local = base / model
+        pretrained = str(local.resolve()) if local.exists() else model
+        candidates[Path(model).name if local.exists() else model] = (pretrained, _digest(pretrained))
+
+    settings = experiment.lm_eval.model_dump()
+    runs = [(name, s) for name in candidates for s in experiment.fewshot_sets]
+    for i, (name, shot_set) in enumerate(runs, 1):
+        pretrained, identity = candidates[name]
+        out = work / "results" / name.replace("/", "__") / f"fewshot{shot_set}.json"
+        key = _digest(identity, experiment.tasks, shot_set, settings)
+        if out.is_file() and json.loads(out.read_text()).get("medmerge_key") == key:
+            say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}: up to date")
+            continue
+        say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}")
+        results = evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".partial")
+        tmp.write_text(
+            json.dumps({"medmerge_key": key, "model": name, "fewshot_set": shot_set, **results}, default=str, indent=1)
+        )
+        tmp.replace(out)
+    return write_leaderboard(work, list(candidates), experiment)
+
+
+def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings) -> dict[str, Any]:
+    """One lm-eval run through its Python API; returns the JSON-able parts of lm-eval's output."""
+    import lm_eval
+
+    model_args = {
+        "pretrained": pretrained,
+        **({"dtype": settings.dtype} if settings.dtype else {}),
+        **settings.model_args,
+    }
+    output = lm_eval.simple_evaluate(
+        model=settings.model,
+        model_args=",".join(f"{k}={v}" for k, v in model_args.items()),
+        tasks=tasks,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        limit=settings.limit,
+        metadata={"fewshot_set": shot_set},
+    )
+    return {key: output[key] for key in ("results", "groups", "n-samples", "config", "versions") if key in output}
+
+
+def headline(metrics: dict[str, Any]) -> float | None:
+    """The number a leaderboard shows for a task or group: acc, else mc2, else exact_match."""
+    for key in ("acc,none", "mc2,none", "exact_match,none"):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
+
+
+def write_leaderboard(work: Path, names: list[str], experiment: Experiment) -> Path:
+    """leaderboard.md: one row per model, one column per task or group, mean ± std over the shot sets."""
+    columns: list[str] = []
+    table: dict[str, dict[str, list[float]]] = {}
+    for name in names:
+        table[name] = {}
+        for shot_set in experiment.fewshot_sets:
+            path = work / "results" / name.replace("/", "__") / f"fewshot{shot_set}.json"
+            if not path.is_file():
+                continue
+            for task, metrics in json.loads(path.read_text())["results"].items():
+                value = headline(metrics)
+                if value is None:
+                    continue
+                if task not in columns:
+                    columns.append(task)
+                table[name].setdefault(task, []).append(value)
+    lines = [
+        f"# {Path(experiment.work_dir).name}",
+        "",
+        f"Shot sets {experiment.fewshot_sets}; mean ± std over them (acc; TruthfulQA: MC2).",
+        "",
+        "| model | " + " | ".join(c.removeprefix("medmerge_") for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name in names:
+        cells = []
+        for column in columns:
+            values = table[name].get(column, [])
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}")
+            else:
+                cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    path = work / "leaderboard.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,115 @@
+"""`medmerge run`: resumable experiments keyed by what determines each step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import medmerge.experiment as experiment_module
+from medmerge.experiment import run_experiment
+
+
+@pytest.fixture
+def experiment(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    calls: list[tuple[str, int]] = []
+
+    def fake_evaluate(pretrained, tasks, shot_set, settings):
+        calls.append((pretrained, shot_set))
+        return {
+            "results": {
+                "medmerge_mmlu_anatomy": {"acc,none": 0.25 * shot_set},
+                "medmerge_truthfulqa_health": {"mc2,none": 0.5},
+            }
+        }
+
+    monkeypatch.setattr(experiment_module, "evaluate", fake_evaluate)
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(tiny["base"]),
+                "models": [{"model": str(tiny["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+            }
+        )
+    )
+    path = tmp_path / "experiment.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "work_dir": "work",
+                "recipes": ["ties.yaml"],
+                "models": [str(tiny["base"])],
+                "tasks": ["medmerge_mmlu_anatomy"],
+                "fewshot_sets": [1, 2],
+                "lm_eval": {"device": "cpu"},
+            }
+        )
+    )
+    return path, recipe, calls
+
+
+def test_run_merges_evaluates_and_reports_mean_std(experiment) -> None:
+    path, _, calls = experiment
+    leaderboard = run_experiment(path, say=lambda _: None)
+    assert len(calls) == 4  # (merged ties, base) x shot sets 1, 2
+    text = leaderboard.read_text()
+    assert "| ties | 0.375 ± 0.177 | 0.500 ± 0.000 |" in text  # mean and sample std over the two shot sets
+    work = path.parent / "work"
+    assert (work / "models" / "ties" / "model.safetensors").exists()
+    saved = json.loads((work / "results" / "ties" / "fewshot2.json").read_text())
+    assert saved["fewshot_set"] == 2 and saved["results"]["medmerge_mmlu_anatomy"]["acc,none"] == 0.5
+
+
+def test_second_run_reuses_everything_and_a_changed_recipe_is_redone(experiment) -> None:
+    path, recipe, calls = experiment
+    run_experiment(path, say=lambda _: None)
+    merged = path.parent / "work" / "models" / "ties" / "model.safetensors"
+    first_mtime = merged.stat().st_mtime_ns
+    messages: list[str] = []
+    run_experiment(path, say=messages.append)
+    assert len(calls) == 4 and merged.stat().st_mtime_ns == first_mtime
+    assert sum("up to date" in m for m in messages) == 5
+    data = yaml.safe_load(recipe.read_text())
+    data["models"][0]["parameters"]["density"] = 0.7
+    recipe.write_text(yaml.safe_dump(data))
+    run_experiment(path, say=lambda _: None)
+    assert merged.stat().st_mtime_ns != first_mtime
+    assert len(calls) == 6  # only the merged model is evaluated again
+
+
+def test_bad_experiment_file_is_one_line_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "experiment.yaml"
+    path.write_text("work_dir: w\ntasks: [medmerge_mmlu_anatomy]\nrecipes:\n  - missing.yaml\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "medmerge.cli", "run", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"medmerge: error: {path}:4: recipes[0]: recipe file missing.yaml not found"
+    path.write_text("work_dir: w\ntasks: [medmerge_mmlu_anatomy]\nlm_eval:\n  batchsize: 8\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "medmerge.cli", "run", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "lm_eval.batchsize: unknown key 'batchsize' (did you mean 'batch_size'?)" in result.stderr
+
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_shipped_experiments_validate(path: Path) -> None:
+    from medmerge.experiment import load_experiment
+
+    experiment, base = load_experiment(path)
+    assert experiment.recipes and experiment.models
+    assert all((base / r).is_file() for r in experiment.recipes)
+
+
+def test_both_seed_studies_ship() -> None:
+    assert [p.name for p in EXPERIMENTS] == ["biomistral-bioinstructqa-3shot.yaml", "biomistral-truthfulqa-health.yaml"]
