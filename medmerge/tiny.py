@@ -98,3 +98,42 @@ def perturbed_copy(src_dir: str | Path, out_dir: str | Path, scale: float, seed:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * scale * float(p.float().std() + 1e-3))
     save_model(model, AutoTokenizer.from_pretrained(str(src_dir)), out_dir)
+
+
+def finetune_on_answers(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    examples: list[tuple[str, str]],
+    steps: int = 150,
+    lr: float = 3e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> None:
+    """A 'fine-tune' that really learns: train `src_dir` to continue each prompt with its answer (loss on the
+    answer tokens only), for a few CPU seconds, and save it to `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.float32)
+    encoded = []
+    for prompt, answer in examples:
+        context = tokenizer(prompt).input_ids
+        full = tokenizer(prompt + answer).input_ids
+        labels = [-100] * len(context) + full[len(context) :]
+        encoded.append((full, labels))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = [encoded[int(i)] for i in torch.randint(len(encoded), (batch_size,), generator=generator)]
+        width = max(len(ids) for ids, _ in batch)
+        pad = tokenizer.eos_token_id
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    save_model(model, tokenizer, out_dir)

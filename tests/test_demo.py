@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from medmerge.demo import demo_recipes, run_demo
+from medmerge.demo import PARENTS, demo_recipes, run_demo
 
 
 @pytest.mark.slow
 def test_demo_builds_merges_evaluates_and_reports(tmp_path) -> None:
     report = run_demo(tmp_path, progress=False)
     text = report.read_text()
-    for name in ["base", "parent_a", "parent_b", *demo_recipes(tmp_path)]:
+    for name in ["base", *PARENTS, *demo_recipes(tmp_path)]:
         assert f"| {name} | " in text
     assert all((tmp_path / "run" / "models" / n / "config.json").exists() for n in demo_recipes(tmp_path))
     assert "bioinstructqa" in text and "truthfulqa_health" in text
