@@ -306,11 +306,8 @@ def _output_config(
             src_types = models[src.model].config.get("layer_types") or target["layer_types"]
             types += src_types[src.start : src.end]
         target["layer_types"] = types
-    dtype = recipe.out_dtype or recipe.dtype
-    if dtype:
-        from merge.recipe import DTYPES
-
-        name = str(DTYPES[dtype]).removeprefix("torch.")
+    if recipe.output_dtype is not None:
+        name = str(recipe.output_dtype).removeprefix("torch.")
         config["torch_dtype"] = name  # transformers 4 reads this key
         config["dtype"] = name  # transformers 5 reads this one
     return config

@@ -8,6 +8,7 @@ current merge step needs. `.bin` checkpoints are opened with ``torch.load(weight
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `dtype` and `shape` takes on disk."""
+    return math.prod(shape) * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives. `offset` is absolute in `file`; None for `.bin` and header-only entries."""
@@ -44,10 +50,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

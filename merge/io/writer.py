@@ -8,6 +8,7 @@ and never held back in memory. Shards split when the next tensor would push one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -20,7 +21,7 @@ from typing import IO
 import torch
 
 from merge.errors import RecipeError
-from merge.io.checkpoint import DTYPE_NAMES
+from merge.io.checkpoint import DTYPE_NAMES, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,11 @@ class OutputTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def plan_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
