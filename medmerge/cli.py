@@ -48,8 +48,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medmerge.demo import run_demo
 
-    report = run_demo(Path(args.dir))
-    print(f"leaderboard: {report}")
+    leaderboard = run_demo(Path(args.dir))
+    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
     return 0
 
 
@@ -61,7 +61,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     leaderboard = run_experiment(args.experiment, say=say, progress=lambda d: progress_bar(d, not args.quiet))
-    print(f"leaderboard: {leaderboard}")
+    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medmerge.report import build_report
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr)
+
+    leaderboard = build_report(
+        args.results,
+        args.output,
+        title=args.title,
+        rank_by=args.rank_by,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        say=say,
+    )
+    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
     return 0
 
 
@@ -122,13 +142,35 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run an experiment file: merge, evaluate with lm-eval, report (resumable)",
         description="Merge the experiment's recipes, evaluate merged and plain models with "
-        "lm-eval on its tasks and shot sets, and write leaderboard.md. Finished "
+        "lm-eval on its tasks and shot sets, and write the report (as `medmerge report`). Finished "
         "merges and evaluations are reused (keyed by a hash of their inputs), so an "
         "interrupted run resumes where it stopped.",
     )
     run.add_argument("experiment", help="the experiment YAML file")
     run.add_argument("--quiet", action="store_true", help="no merge progress bars")
     run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser(
+        "report",
+        help="leaderboard, figures and paired significance tests from lm-eval results",
+        description="Read lm-eval outputs (--output_path directories or results_*.json files; any number of "
+        "models and runs) and write leaderboard.md, leaderboard.csv, pairwise.csv, PNG figures and a "
+        "self-contained index.html. Repeated runs of a model (shot sets, few-shot seeds) fold into mean ± std; "
+        "with --log_samples, every two models get a paired test on every task. Merges are compared with their "
+        "parents (model card base_model list, or the recipe in the model directory).",
+    )
+    report.add_argument("results", nargs="+", help="lm-eval output directories or results_*.json files")
+    report.add_argument("-o", "--output", required=True, metavar="DIR", help="report directory (replaced if a report)")
+    report.add_argument("--title", default="Leaderboard", help="the page's title (default: Leaderboard)")
+    report.add_argument(
+        "--rank-by", metavar="COLUMN", help="column to rank by, e.g. 'bioinstructqa acc' (default: the first group)"
+    )
+    report.add_argument(
+        "--bootstrap", type=int, default=10_000, metavar="N", help="paired bootstrap resamples (default 10000)"
+    )
+    report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    report.add_argument("--quiet", action="store_true", help="no warnings or summary lines on stderr")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser(
         "demo",

@@ -4,7 +4,8 @@ Builds a tiny Mistral-shaped base model and two "parents" fine-tuned for a few C
 (one on the MMLU fixture questions, one on MedQA/MedMCQA/PubMedQA), and
 synthetic fixture copies of the task datasets (real schemas and file layouts), then runs an ordinary
 experiment file: SLERP, TIES and DARE-TIES recipes, lm-eval's `hf` model on medmerge's BioInstructQA and
-TruthfulQA-health tasks for base, parents and merges, and `run/leaderboard.md`.
+TruthfulQA-health tasks for base, parents and merges, and the report in `run/report/` (leaderboard.md,
+index.html, figures, paired significance tests).
 Needs no network; a few minutes at most on 2 CPU cores.
 """
 
@@ -64,7 +65,7 @@ def demo_recipes(work: Path) -> dict[str, dict]:
 
 
 def run_demo(work: Path, progress: bool = True) -> Path:
-    """Build the tiny models and fixture data, then run the demo experiment; returns the leaderboard's path."""
+    """Build the tiny models and fixture data, then run the demo experiment; returns the report's leaderboard.md."""
     say = print if progress else (lambda *a, **k: None)
     work = work.resolve()
     models = work / "models"
@@ -90,12 +91,10 @@ def run_demo(work: Path, progress: bool = True) -> Path:
     }
     path = work / "experiment.yaml"
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
-    say(f"running {path} (merges, lm-eval on synthetic fixture copies of the task datasets, leaderboard)")
-    leaderboard = run_experiment(path, say=say)
+    say(f"running {path} (merges, lm-eval on synthetic fixture copies of the task datasets, report)")
     note = (
-        "\nTiny models built on the spot: parent_mmlu learned the answers of the MMLU fixture questions, "
+        "Tiny models built on the spot: parent_mmlu learned the answers of the MMLU fixture questions, "
         "parent_medqa those of MedQA, MedMCQA and PubMedQA (synthetic questions, a few CPU seconds of training), "
-        "so the table shows two specialists and what merging them does. It checks the pipeline, not medicine.\n"
+        "so the table shows two specialists and what merging them does. It checks the pipeline, not medicine."
     )
-    leaderboard.write_text(leaderboard.read_text() + note)
-    return leaderboard
+    return run_experiment(path, say=say, note=note)

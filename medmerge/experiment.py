@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -25,12 +24,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medmerge.report import build_report
 from merge.errors import RecipeError
+from merge.io.writer import atomic_output_dir
 from merge.recipe import load_recipe
 from merge.run import Progress, run_merge
 from merge.yamlfile import field_name, line_of, load_yaml, validate_model
 
 Say = Callable[[str], None]
+KEY_FILE = ".medmerge_key"  # the hash of everything that determined a finished merge or evaluation
 
 
 class _Strict(BaseModel):
@@ -95,9 +97,11 @@ def run_experiment(
     path: str | Path,
     say: Say = print,
     progress: Callable[[str], AbstractContextManager[Progress | None]] | None = None,
+    note: str = "",
 ) -> Path:
-    """Run (or resume) an experiment; returns the path of its leaderboard. `progress(description)` gives a
-    context manager yielding a merge progress callback (medmerge.console.progress_bar)."""
+    """Run (or resume) an experiment; returns the path of its report's leaderboard.md (index.html beside it).
+    `progress(description)` gives a context manager yielding a merge progress callback
+    (medmerge.console.progress_bar); `note` is printed under the report's title."""
     experiment, base = load_experiment(path)
     work = (base / experiment.work_dir).resolve()
     (work / "models").mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,7 @@ def run_experiment(
         name = recipe_path.stem
         out = work / "models" / name
         key = _digest(recipe_path.read_text(), experiment.merge.model_dump())
-        if (out / ".medmerge_key").is_file() and (out / ".medmerge_key").read_text() == key:
+        if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
             say(f"[merge {i}/{len(experiment.recipes)}] {name}: up to date")
         else:
             say(f"[merge {i}/{len(experiment.recipes)}] {name}")
@@ -122,7 +126,7 @@ def run_experiment(
                     overwrite=True,
                     progress=update,
                 )
-            (out / ".medmerge_key").write_text(key)
+            (out / KEY_FILE).write_text(key)
         candidates[name] = (str(out), key)
     for model in experiment.models:
         local = base / model
@@ -131,33 +135,41 @@ def run_experiment(
 
     settings = experiment.lm_eval.model_dump()
     runs = [(name, s) for name in candidates for s in experiment.fewshot_sets]
+    result_dirs = []
     for i, (name, shot_set) in enumerate(runs, 1):
         pretrained, identity = candidates[name]
-        out = work / "results" / name.replace("/", "__") / f"fewshot{shot_set}.json"
+        out = work / "results" / name.replace("/", "__") / f"shotset{shot_set}"
+        result_dirs.append(out)
         key = _digest(identity, experiment.tasks, shot_set, settings)
-        if out.is_file() and json.loads(out.read_text()).get("medmerge_key") == key:
+        if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
             say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}: up to date")
             continue
         say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}")
-        results = evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".partial")
-        tmp.write_text(
-            json.dumps({"medmerge_key": key, "model": name, "fewshot_set": shot_set, **results}, default=str, indent=1)
-        )
-        tmp.replace(out)
-    return write_leaderboard(work, list(candidates), experiment)
+        with atomic_output_dir(out, overwrite=True) as staging:
+            evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval, staging)
+            (staging / KEY_FILE).write_text(key)
+    say("[report]")
+    return build_report(
+        result_dirs,
+        work / "report",
+        title=f"{Path(path).stem}: {', '.join(experiment.tasks)}",
+        note=note or f"Shot sets {experiment.fewshot_sets}; experiment file {Path(path).resolve()}.",
+        say=say,
+    )
 
 
-def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings) -> dict[str, Any]:
-    """One lm-eval run through its Python API; returns the JSON-able parts of lm-eval's output."""
+def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings, output_dir: Path) -> None:
+    """One lm-eval run through its Python API, saved exactly as `lm_eval --output_path DIR --log_samples` saves
+    it (lm-eval's own EvaluationTracker: DIR/<model>/results_<date>.json and samples_<task>_<date>.jsonl)."""
     import lm_eval
+    from lm_eval.loggers import EvaluationTracker
 
     model_args = {
         "pretrained": pretrained,
         **({"dtype": settings.dtype} if settings.dtype else {}),
         **settings.model_args,
     }
+    tracker = EvaluationTracker(output_path=str(output_dir))
     output = lm_eval.simple_evaluate(
         model=settings.model,
         model_args=",".join(f"{k}={v}" for k, v in model_args.items()),
@@ -165,55 +177,13 @@ def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalS
         batch_size=settings.batch_size,
         device=settings.device,
         limit=settings.limit,
+        log_samples=True,
+        evaluation_tracker=tracker,
         metadata={"fewshot_set": shot_set},
     )
-    return {key: output[key] for key in ("results", "groups", "n-samples", "config", "versions") if key in output}
-
-
-def headline(metrics: dict[str, Any]) -> float | None:
-    """The number a leaderboard shows for a task or group: acc, else mc2, else exact_match."""
-    for key in ("acc,none", "mc2,none", "exact_match,none"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
-
-
-def write_leaderboard(work: Path, names: list[str], experiment: Experiment) -> Path:
-    """leaderboard.md: one row per model, one column per task or group, mean ± std over the shot sets."""
-    columns: list[str] = []
-    table: dict[str, dict[str, list[float]]] = {}
-    for name in names:
-        table[name] = {}
-        for shot_set in experiment.fewshot_sets:
-            path = work / "results" / name.replace("/", "__") / f"fewshot{shot_set}.json"
-            if not path.is_file():
-                continue
-            for task, metrics in json.loads(path.read_text())["results"].items():
-                value = headline(metrics)
-                if value is None:
-                    continue
-                if task not in columns:
-                    columns.append(task)
-                table[name].setdefault(task, []).append(value)
-    lines = [
-        f"# {Path(experiment.work_dir).name}",
-        "",
-        f"Shot sets {experiment.fewshot_sets}; mean ± std over them (acc; TruthfulQA: MC2).",
-        "",
-        "| model | " + " | ".join(c.removeprefix("medmerge_") for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
-    for name in names:
-        cells = []
-        for column in columns:
-            values = table[name].get(column, [])
-            if not values:
-                cells.append("")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}")
-            else:
-                cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    path = work / "leaderboard.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    samples = output.pop("samples")
+    tracker.save_results_aggregated(results=output, samples=samples)
+    for task in output["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    if not list(output_dir.rglob("results_*.json")):  # lm-eval logs a failed save and carries on; we do not
+        raise RuntimeError(f"lm-eval did not write its results into {output_dir}")

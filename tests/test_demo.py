@@ -15,3 +15,7 @@ def test_demo_builds_merges_evaluates_and_reports(tmp_path) -> None:
         assert f"| {name} | " in text
     assert all((tmp_path / "run" / "models" / n / "config.json").exists() for n in demo_recipes(tmp_path))
     assert "bioinstructqa" in text and "truthfulqa_health" in text
+    assert report == tmp_path / "run" / "report" / "leaderboard.md"
+    names = {p.name for p in report.parent.iterdir()}
+    assert {"index.html", "leaderboard.csv", "pairwise.csv", "tasks.png", "truthfulqa_mc2.png"} <= names
+    assert "## Merges against their parents" in text and "## Paired tests on bioinstructqa acc" in text

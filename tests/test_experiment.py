@@ -18,14 +18,22 @@ from medmerge.experiment import run_experiment
 def experiment(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[tuple[str, int]] = []
 
-    def fake_evaluate(pretrained, tasks, shot_set, settings):
+    def fake_evaluate(pretrained, tasks, shot_set, settings, output_dir):
+        """Writes what lm-eval's tracker writes, trimmed to the keys the report reads."""
         calls.append((pretrained, shot_set))
-        return {
+        results = {
+            "model_name": pretrained,
+            "date": 1.0e9 + len(calls),
+            "config": {"model": "hf", "model_args": {"pretrained": pretrained}},
+            "configs": {"medmerge_mmlu_anatomy": {"metadata": {"fewshot_set": shot_set, "shots": 3}}},
             "results": {
-                "medmerge_mmlu_anatomy": {"acc,none": 0.25 * shot_set},
-                "medmerge_truthfulqa_health": {"mc2,none": 0.5},
-            }
+                "medmerge_mmlu_anatomy": {"acc,none": 0.25 * shot_set, "acc_stderr,none": 0.1},
+                "medmerge_truthfulqa_health": {"mc2,none": 0.5, "mc2_stderr,none": 0.05},
+            },
         }
+        out = output_dir / pretrained.strip("/").replace("/", "__")
+        out.mkdir(parents=True)
+        (out / "results_2026-01-01T00-00-00.000000.json").write_text(json.dumps(results))
 
     monkeypatch.setattr(experiment_module, "evaluate", fake_evaluate)
     recipe = tmp_path / "ties.yaml"
@@ -59,11 +67,15 @@ def test_run_merges_evaluates_and_reports_mean_std(experiment) -> None:
     leaderboard = run_experiment(path, say=lambda _: None)
     assert len(calls) == 4  # (merged ties, base) x shot sets 1, 2
     text = leaderboard.read_text()
-    assert "| ties | 0.375 ± 0.177 | 0.500 ± 0.000 |" in text  # mean and sample std over the two shot sets
+    assert leaderboard == path.parent / "work" / "report" / "leaderboard.md"
+    # mean and sample std over the two shot sets; the merge's parents come from its model card
+    assert "| ties | 2 | 0.375 ± 0.177 | 0.500 ± 0.000 |" in text
+    assert "| ties | base | +0.000 | +0.000 |" in text
     work = path.parent / "work"
     assert (work / "models" / "ties" / "model.safetensors").exists()
-    saved = json.loads((work / "results" / "ties" / "fewshot2.json").read_text())
-    assert saved["fewshot_set"] == 2 and saved["results"]["medmerge_mmlu_anatomy"]["acc,none"] == 0.5
+    saved = json.loads(next((work / "results" / "ties" / "shotset2").rglob("results_*.json")).read_text())
+    assert saved["results"]["medmerge_mmlu_anatomy"]["acc,none"] == 0.5
+    assert (work / "report" / "index.html").is_file()
 
 
 def test_second_run_reuses_everything_and_a_changed_recipe_is_redone(experiment) -> None:

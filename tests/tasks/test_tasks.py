@@ -310,6 +310,7 @@ def test_lm_eval_cli_runs_mmlu_med_on_a_tiny_model(tiny, mirror: Path, tmp_path:
             "4",
             "--output_path",
             str(tmp_path / "results"),
+            "--log_samples",
         ],
         capture_output=True,
         text=True,
@@ -318,7 +319,13 @@ def test_lm_eval_cli_runs_mmlu_med_on_a_tiny_model(tiny, mirror: Path, tmp_path:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "medmerge_mmlu_med" in out.stdout and "medmerge_mmlu_anatomy" in out.stdout
-    assert list((tmp_path / "results").rglob("results_*.json"))
+    # what the CLI wrote is what `medmerge report` reads: the group, its six tasks and every per-sample log
+    from medmerge.report.results import read_runs
+
+    (run,), warnings = read_runs([tmp_path / "results"])
+    assert warnings == [] and run.model == str(tiny["base"])
+    assert run.metrics["medmerge_mmlu_med"]["acc,none"].stderr is not None
+    assert len(run.samples) == 6 and all(len(s["acc,none"]) == 2 for s in run.samples.values())
 
 
 @pytest.mark.slow
