@@ -45,11 +45,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(leaderboard: Path) -> None:
+    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from medmerge.demo import run_demo
 
     leaderboard = run_demo(Path(args.dir))
-    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
+    _print_report(leaderboard)
     return 0
 
 
@@ -61,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     leaderboard = run_experiment(args.experiment, say=say, progress=lambda d: progress_bar(d, not args.quiet))
-    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
+    _print_report(leaderboard)
     return 0
 
 
@@ -81,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         seed=args.seed,
         say=say,
     )
-    print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
+    _print_report(leaderboard)
     return 0
 
 
