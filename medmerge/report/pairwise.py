@@ -100,7 +100,9 @@ def compare(
             if not kinds:
                 notes.append(f"{column.label}: group value not reproducible from its tasks, no group-level test")
                 continue
-            weights = "equal" if "equal" in kinds else "size"  # where both fit, they give the same numbers
+            # One run whose values tell the two apart decides; where none does (say, all tasks at 0.0), the
+            # observed means agree and equal weights (BioInstructQA's mean of tasks) are used.
+            weights = "equal" if "equal" in kinds else "size"
         found_pairs = []
         indices = sorted(scores)
         for n, i in enumerate(indices):

@@ -119,7 +119,7 @@ def _labels(rows: list[Row]) -> None:
 
     def short(model: str, depth: int) -> str:
         path = Path(model)
-        return "/".join(path.parts[-depth:]) if path.is_absolute() or Path(model).exists() else model
+        return "/".join(path.parts[-depth:]) if path.is_absolute() or path.exists() else model
 
     depth = 1
     while depth < 8 and len({short(r.model, depth) for r in rows}) < len({r.model for r in rows}):
