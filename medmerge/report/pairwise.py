@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from medmerge.report.results import Run
+from medmerge.report.results import Run, newest_per_seed
 from medmerge.report.stats import holm, mcnemar_exact, paired_bootstrap
 from medmerge.report.table import Column, Leaderboard, Row
 
@@ -39,13 +39,9 @@ class Comparison:
 
 
 def _row_scores(row: Row, task: str, metric: str) -> Scores | None:
-    by_seed: dict[tuple[object, ...], Run] = {}
-    for run in row.runs:  # oldest first: the newest run of a seed wins, as in the table
-        if metric in run.samples.get(task, {}):
-            by_seed[run.seed] = run
-    if not by_seed:
+    runs, _ = newest_per_seed(row.runs, lambda r: metric in r.samples.get(task, {}))
+    if not runs:
         return None
-    runs = list(by_seed.values())
     docs = set.intersection(*(set(r.samples[task][metric]) for r in runs))
     hashes = runs[-1].doc_hashes.get(task, {})
     docs = {d for d in docs if all(r.doc_hashes.get(task, {}).get(d) == hashes.get(d) for r in runs)}

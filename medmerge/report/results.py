@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,19 @@ class Run:
     higher_is_better: dict[str, dict[str, bool]]
     samples: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)  # task -> metric -> doc -> value
     doc_hashes: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> doc -> identity of the doc
+
+
+def newest_per_seed(runs: list[Run], has: Callable[[Run], bool]) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """Of `runs` (oldest first), those for which `has` holds, one per seed: a rerun with the same seed replaces the
+    earlier run. Also returns the (replaced, replacing) pairs."""
+    chosen: dict[tuple[Any, ...], Run] = {}
+    replaced: list[tuple[Run, Run]] = []
+    for run in runs:
+        if has(run):
+            if run.seed in chosen:
+                replaced.append((chosen[run.seed], run))
+            chosen[run.seed] = run
+    return list(chosen.values()), replaced
 
 
 def display_metric(key: str) -> str:
@@ -97,7 +111,7 @@ def parse_results(path: Path, data: dict[str, Any]) -> Run:
     if not metrics:
         raise ValueError("no numeric metrics")
     leaves = [t for t in metrics if t not in (data.get("group_subtasks") or {})]
-    shots = sorted({str(_shots(data, t)) for t in leaves if _shots(data, t) is not None})
+    shots = sorted({str(s) for s in (_shots(data, t) for t in leaves) if s is not None})
     variant = [("shots", "/".join(shots))] if shots else []
     for key in ("chat_template_sha", "system_instruction_sha"):
         if data.get(key):

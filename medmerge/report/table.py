@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmerge.report.parents import find_parents, same_model
-from medmerge.report.results import Measure, Run, display_metric
+from medmerge.report.results import Run, display_metric, newest_per_seed
 
 
 @dataclass(frozen=True)
@@ -143,16 +143,10 @@ def build_leaderboard(runs: list[Run], warnings: list[str], rank_by: str | None 
     superseded: set[tuple[Path, Path]] = set()
     for row in rows.values():
         for column in columns:
-            seen: dict[tuple[object, ...], tuple[Measure, Run]] = {}
-            for run in row.runs:  # oldest first: a rerun with the same seed replaces the earlier one
-                measure = run.metrics.get(column.task, {}).get(column.metric)
-                if measure is None:
-                    continue
-                if run.seed in seen:
-                    superseded.add((seen[run.seed][1].path, run.path))
-                seen[run.seed] = (measure, run)
-            if seen:
-                measures = [m for m, _ in seen.values()]
+            runs, replaced = newest_per_seed(row.runs, lambda r, c=column: c.metric in r.metrics.get(c.task, {}))
+            superseded |= {(old.path, new.path) for old, new in replaced}
+            if runs:
+                measures = [r.metrics[column.task][column.metric] for r in runs]
                 single_stderr = measures[0].stderr if len(measures) == 1 else None
                 row.cells[column] = Cell([m.value for m in measures], single_stderr)
     for old, new in sorted(superseded):
