@@ -38,11 +38,8 @@ from merge.run import run_merge  # noqa: E402
 
 
 def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
-    slerp_t = [
-        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-        {"value": 0.5},
-    ]
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "biomistral-instruct-slerp.yaml"
+    slerp_t = yaml.safe_load(recipe.read_text())["parameters"]["t"]  # BioMistral's published gradient
     three = [
         {"model": base, "parameters": {"weight": 0.5}},
         {"model": ft1, "parameters": {"weight": 0.3}},

@@ -26,6 +26,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+# BioMistral's published SLERP gradient, read from the recipe we ship rather than copied.
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "biomistral-instruct-slerp.yaml"
+BIOMISTRAL_SLERP_T = yaml.safe_load(RECIPE.read_text())["parameters"]["t"]
 SHAPE = {"hidden": 2048, "layers": 16, "intermediate": 5632, "vocab": 32000, "heads": 16, "kv_heads": 8}
 
 
@@ -116,13 +119,7 @@ def recipes(d: dict[str, Path]) -> dict[str, dict]:
                     ]
                 }
             ],
-            "parameters": {
-                "t": [
-                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                    {"value": 0.5},
-                ]
-            },
+            "parameters": {"t": BIOMISTRAL_SLERP_T},
         },
         "ties": {
             "merge_method": "ties",
