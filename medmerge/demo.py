@@ -75,7 +75,7 @@ def run_demo(work: Path, progress: bool = True) -> Path:
         build_tokenizer(models / "tokenizer")
         build_model(models / "base", models / "tokenizer", seed=0)
         for name, corpora in PARENTS.items():
-            examples = [(d["prompt"], d["gold_letter"]) for c in corpora for d in bioinstructqa_docs(c)]
+            examples = [(d["prompts"][3], d["gold_letter"]) for c in corpora for d in bioinstructqa_docs(c)]
             finetune_on_answers(models / "base", models / name, examples, seed=len(name))
     recipe_dir = work / "recipes"
     recipe_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ otherwise from the hub through huggingface_hub (only the files needed, cached).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -117,15 +118,17 @@ def _zip_records(path: Path, split: str) -> tuple[dict[str, Any], ...]:
         return tuple(json.loads(archive.read(member)))
 
 
-def bioinstructqa_docs(corpus: str, fewshot_set: int = 1, shots: int = 3) -> list[dict[str, Any]]:
-    """Docs for one corpus: its test records with the paper's prompt (shot set `fewshot_set`, first `shots`)."""
+def bioinstructqa_docs(corpus: str, fewshot_set: int = 1) -> list[dict[str, Any]]:
+    """Docs for one corpus: its test records with the paper's prompt, shot set `fewshot_set` (1-3).
+
+    `prompts[k]` is the prompt with the set's first k shots (k = 0..3); the task picks k from num_fewshot."""
     from medmerge_tasks.prompts import render
 
     if corpus not in BIOINSTRUCTQA_CORPORA:
         raise ValueError(f"unknown BioInstructQA corpus {corpus!r}")
-    fewshot_set, shots = int(fewshot_set), int(shots)
-    if fewshot_set not in (1, 2, 3) or not 0 <= shots <= 3:
-        raise ValueError(f"fewshot_set must be 1, 2 or 3 and shots 0..3 (got {fewshot_set}, {shots})")
+    fewshot_set = int(fewshot_set)
+    if fewshot_set not in (1, 2, 3):
+        raise ValueError(f"fewshot_set must be 1, 2 or 3 (got {fewshot_set})")
     letters = BIOINSTRUCTQA_CORPORA[corpus][1]
     docs = []
     for record in bioinstructqa_records("test"):
@@ -135,14 +138,17 @@ def bioinstructqa_docs(corpus: str, fewshot_set: int = 1, shots: int = 3) -> lis
         if list(options) != list(letters):
             raise ValueError(f"{corpus} record {record.get('identifier')}: options {list(options)} != {list(letters)}")
         gold = record["correct_answer_letter"]
-        shot_records = record[f"few_shot_samples[{fewshot_set}]"][:shots]
         context = record.get("context") if corpus == "PubMedQA" else None
-        shot_blocks = [_block(s, s.get("context"), s["correct_answer_letter"]) for s in shot_records]
-        prompt = render("bioinstructqa.jinja", target=_block(record, context, ""), shots=shot_blocks)
+        target = _block(record, context, "")
+        shots = [
+            _block(s, s.get("context"), s["correct_answer_letter"]) for s in record[f"few_shot_samples[{fewshot_set}]"]
+        ]
         docs.append(
             {
                 "id": str(record.get("identifier", len(docs))),
-                "prompt": prompt,
+                "prompts": [
+                    render("bioinstructqa.jinja", target=target, shots=shots[:k]) for k in range(len(shots) + 1)
+                ],
                 "choices": list(letters),
                 "gold": letters.index(gold),
                 "gold_letter": gold,
@@ -268,6 +274,7 @@ def _joined_truthfulqa(root: Path) -> tuple[dict[str, Any], ...]:
 
 
 def truthfulqa_docs(category: str, prompt: str) -> list[dict[str, Any]]:
+    """The open form: MC1 and MC2 answers scored as continuations; `prompts[k]` has k solved examples (0 or 1)."""
     from medmerge_tasks.prompts import render
 
     docs = []
@@ -277,11 +284,62 @@ def truthfulqa_docs(category: str, prompt: str) -> list[dict[str, Any]]:
         mc1, mc2 = r["mc1_targets"], r["mc2_targets"]
         docs.append(
             {
-                "prompt": render(f"{prompt}.jinja", question=r["question"]),
+                "prompts": [render(f"{prompt}.jinja", question=r["question"], n_shots=k) for k in (0, 1)],
                 "choices": [" " + c for c in mc1["choices"]] + [" " + c for c in mc2["choices"]],
                 "n_mc1": len(mc1["choices"]),
                 "mc1_labels": list(mc1["labels"]),
                 "mc2_labels": list(mc2["labels"]),
+                "category": category,
+            }
+        )
+    return docs
+
+
+# Salt of the per-question option order of the lettered form; changing it changes every prompt (a new version).
+MCQ_ORDER_SALT = "medmerge-truthfulqa-mcq-v1"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def mcq_order(question: str, n: int) -> list[int]:
+    """A fixed pseudo-random order of a question's `n` choices: choice i sorts by sha256(salt, question, i).
+
+    MC1's true answer is always first in the dataset; this order puts it at each position with equal chance,
+    is the same on every machine and Python version, and depends on nothing but the question's text."""
+    return sorted(range(n), key=lambda i: hashlib.sha256(f"{MCQ_ORDER_SALT}\0{question}\0{i}".encode()).digest())
+
+
+def truthfulqa_mcq_docs(category: str, truthful: bool) -> list[dict[str, Any]]:
+    """The lettered form: MC1's choices as (A) (B) ... options in `mcq_order`, scored by the letter.
+
+    `permutation[j]` is the MC1 index of the option shown at letter j; `prompts[k]` has k solved examples."""
+    from medmerge_tasks.prompts import render
+
+    docs = []
+    for r in truthfulqa_health_rows():
+        if r["category"] != category:
+            continue
+        mc1 = r["mc1_targets"]
+        choices, labels = list(mc1["choices"]), list(mc1["labels"])
+        if labels.count(1) != 1 or len(choices) != len(labels) or not 2 <= len(choices) <= len(LETTERS):
+            raise ValueError(f"TruthfulQA: MC1 of {r['question']!r} needs one true answer among 2-26 choices")
+        order = mcq_order(r["question"], len(choices))
+        letters = list(LETTERS[: len(choices)])
+        target = {
+            "context": None,
+            "question": r["question"],
+            "options": [[letter, choices[i]] for letter, i in zip(letters, order)],
+            "answer": "",
+        }
+        gold = order.index(labels.index(1))
+        docs.append(
+            {
+                "prompts": [
+                    render("truthfulqa_mcq.jinja", target=target, n_shots=k, truthful=truthful) for k in (0, 1)
+                ],
+                "choices": letters,
+                "gold": gold,
+                "gold_letter": letters[gold],
+                "permutation": order,
                 "category": category,
             }
         )
@@ -301,7 +359,7 @@ def medmcqa_docs() -> list[dict[str, Any]]:
         docs.append(
             {
                 "id": r["id"],
-                "prompt": render("medmcqa_inst.jinja", question=r["question"], options=options),
+                "prompts": [render("medmcqa_inst.jinja", question=r["question"], options=options)],
                 "choices": ["A", "B", "C", "D"],
                 "gold": int(r["cop"]),
             }

@@ -11,10 +11,19 @@ matplotlib.use("Agg")  # no display: reports are written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from medmerge.report.results import display_metric  # noqa: E402
-from medmerge.report.table import Column, Leaderboard  # noqa: E402
+from medmerge.report.table import Column, Leaderboard, Row  # noqa: E402
 
-TRUTHFULQA_PLAIN = "medmerge_truthfulqa_health"
-TRUTHFULQA_TRUTHFUL = "medmerge_truthfulqa_health_truthful"
+# TruthfulQA health forms: (plain group, truthful group, metrics drawn, file stem)
+TRUTHFULQA_FORMS = (
+    ("medmerge_truthfulqa_health", "medmerge_truthfulqa_health_truthful", ("mc1,none", "mc2,none"), "truthfulqa"),
+    (
+        "medmerge_truthfulqa_health_mcq",
+        "medmerge_truthfulqa_health_mcq_truthful",
+        ("acc,none", "exact_match,none"),
+        "truthfulqa_mcq",
+    ),
+)
+TRUTHFULQA_GROUPS = {group for form in TRUTHFULQA_FORMS for group in form[:2]}
 
 
 @dataclass
@@ -31,8 +40,7 @@ def _short(task: str) -> str:
 def task_bars(board: Leaderboard, out: Path) -> Figure | None:
     """Grouped bars: one group per task (leaf tasks, then the averages), one bar per model, error bars = std
     over runs (or stderr of a single run)."""
-    truthfulqa = {TRUTHFULQA_PLAIN, TRUTHFULQA_TRUTHFUL}
-    truthfulqa |= {t for g in truthfulqa for t in board.group_subtasks.get(g, [])}
+    truthfulqa = TRUTHFULQA_GROUPS | {t for g in TRUTHFULQA_GROUPS for t in board.group_subtasks.get(g, [])}
     leaves = [c for c in board.columns if not c.is_group and c.metric.startswith("acc,") and c.task not in truthfulqa]
     groups = [c for c in board.columns if c.is_group and c.metric.startswith("acc,") and c.task not in truthfulqa]
     columns = leaves + groups
@@ -76,60 +84,94 @@ def _runs_note(board: Leaderboard, columns: list[Column]) -> str:
     return f" (mean of {runs.pop()} runs)" if len(runs) == 1 and min(runs, default=1) > 1 else ""
 
 
+def pairings(rows: list[Row]) -> list[tuple[str, list[Row]]]:
+    """The rows grouped as the merging study drew them: one panel per pair of parents, holding the parents and
+    every merge of them (a parent appears in each of its pairings); models in no pairing share one panel."""
+    position = {id(row): i for i, row in enumerate(rows)}
+    panels: dict[tuple[int, ...], list[Row]] = {}
+    for row in rows:
+        key = tuple(sorted(position[id(p)] for p in row.parents if id(p) in position))
+        if key:
+            panels.setdefault(key, [rows[i] for i in key]).append(row)
+    paired = {id(r) for members in panels.values() for r in members}
+    out = [(" × ".join(rows[i].label for i in key), members) for key, members in panels.items()]
+    alone = [r for r in rows if id(r) not in paired]
+    if alone:
+        out.append(("models" if not out else "other models", alone))
+    return out
+
+
 def truthfulqa_bars(board: Leaderboard, out: Path) -> list[Figure]:
-    """Per model, TruthfulQA-health categories: plain prompt against the truthful prompt, one figure per metric."""
+    """TruthfulQA health, one figure per form and metric: a panel per pairing, the categories (and all of them
+    pooled) on the axis, and per model its plain-prompt bar beside its truthful-prompt bar."""
     figures = []
-    categories = board.group_subtasks.get(TRUTHFULQA_PLAIN, [])
-    for metric in ("mc1,none", "mc2,none"):
-        pairs = [(TRUTHFULQA_PLAIN, TRUTHFULQA_TRUTHFUL, "all")] + [
-            (c, c.replace(TRUTHFULQA_PLAIN, TRUTHFULQA_TRUTHFUL, 1), c.removeprefix(TRUTHFULQA_PLAIN + "_"))
-            for c in categories
+    for plain, truthful, metrics, stem in TRUTHFULQA_FORMS:
+        categories = board.group_subtasks.get(plain, [])
+        slots = [(plain, truthful, "all")] + [
+            (c, c.replace(plain, truthful, 1), c.removeprefix(plain + "_")) for c in categories
         ]
-        by_task = {c.task: c for c in board.columns if c.metric == metric}
-        rows = [r for r in board.rows if any(by_task.get(t) in r.cells for p in pairs for t in p[:2] if t in by_task)]
-        if not rows:
-            continue
-        ncols = min(3, len(rows))
-        nrows = -(-len(rows) // ncols)
-        fig, axes = plt.subplots(
-            nrows, ncols, figsize=(3.6 * ncols + 0.5, 3.0 * nrows + 0.8), sharey=True, squeeze=False
-        )
-        for ax in axes.flat[len(rows) :]:
-            ax.set_visible(False)
-        for ax, row in zip(axes.flat, rows):
-            for offset, (index, prompt) in zip((-0.2, 0.2), enumerate(("plain", "truthful")), strict=True):
-                cells = [row.cells.get(by_task[p[index]]) if p[index] in by_task else None for p in pairs]
-                ax.bar(
-                    [k + offset for k in range(len(pairs))],
-                    [c.mean if c else 0.0 for c in cells],
-                    0.4,
-                    yerr=[(c.err or 0.0) if c else 0.0 for c in cells],
-                    capsize=2,
-                    label=f"{prompt} prompt",
+        for metric in metrics:
+            by_task = {c.task: c for c in board.columns if c.metric == metric}
+            # the group's pooled value where the group reports both means (the lettered form)
+            pooled = metric.replace(",", "_size_weighted,", 1)
+            for group in (plain, truthful):
+                by_task |= {c.task: c for c in board.columns if c.task == group and c.metric == pooled}
+            rows = [r for r in board.rows if any(by_task.get(t) in r.cells for slot in slots for t in slot[:2])]
+            if not rows:
+                continue
+            name = f"{stem}_{display_metric(metric)}.png"
+            title = f"TruthfulQA health{' (lettered)' if 'mcq' in stem else ''} {display_metric(metric)}"
+            _draw_pairings(pairings(rows), slots, by_task, title, out / name)
+            figures.append(
+                Figure(
+                    name,
+                    title,
+                    "One panel per pairing (its two parents and their merges, as the study's figures 4 and 5); "
+                    "per category ('all' = the four pooled), each model's plain-prompt bar (solid) beside its "
+                    "bar for the prompt asking for a truthful, positive, unbiased answer (hatched).",
                 )
-            ax.set_xticks(range(len(pairs)))
-            ax.set_xticklabels([p[2] for p in pairs], rotation=30, ha="right", fontsize=8)
-            ax.set_title(row.label, fontsize=9)
-            ax.set_ylim(0, 1)
-            ax.grid(axis="y", alpha=0.3)
-        for ax in axes[:, 0]:
-            ax.set_ylabel(display_metric(metric).upper())
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, fontsize=8, loc="upper right", ncols=2)
-        fig.suptitle(f"TruthfulQA health, {display_metric(metric).upper()} by category", fontsize=10, x=0.3)
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
-        name = f"truthfulqa_{display_metric(metric)}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        figures.append(
-            Figure(
-                name,
-                f"TruthfulQA health {display_metric(metric).upper()}",
-                "Per model and category (Health, Nutrition, Psychology, Science; 'all' = the group): the plain "
-                "prompt against the one asking for a truthful, positive, unbiased answer.",
             )
-        )
     return figures
+
+
+def _draw_pairings(
+    panels: list[tuple[str, list[Row]]],
+    slots: list[tuple[str, str, str]],
+    by_task: dict[str, Column],
+    title: str,
+    path: Path,
+) -> None:
+    most = max(len(members) for _, members in panels)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(7.0, 0.45 * most * len(slots) + 3.5), 2.9 * len(panels) + 0.7), squeeze=False
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (panel_title, members) in zip(axes[:, 0], panels, strict=True):
+        width = 0.85 / (2 * len(members))
+        for i, row in enumerate(members):
+            for j, hatch in enumerate(("", "///")):
+                cells = [row.cells.get(by_task[slot[j]]) if slot[j] in by_task else None for slot in slots]
+                ax.bar(
+                    [k - 0.425 + (2 * i + j + 0.5) * width for k in range(len(slots))],
+                    [c.mean if c else 0.0 for c in cells],
+                    width,
+                    yerr=[(c.err or 0.0) if c else 0.0 for c in cells],
+                    capsize=1.5,
+                    color=colours[i % len(colours)],
+                    hatch=hatch,
+                    edgecolor="white" if hatch else None,
+                    label=row.label if not hatch else None,
+                )
+        ax.set_xticks(range(len(slots)))
+        ax.set_xticklabels([slot[2] for slot in slots], fontsize=8)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    fig.suptitle(f"{title}: plain (solid) vs truthful prompt (hatched)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def make_figures(board: Leaderboard, out: Path) -> list[Figure]:

@@ -20,9 +20,10 @@ from merge.errors import RecipeError
 # lm-eval names its files results_<date_id>.json and samples_<task>_<date_id>.jsonl (same date_id).
 DATE_ID = re.compile(r"_(\d{4}-\d{2}-\d{2}T[0-9\-.]+)$")
 NOT_METRICS = {"alias", "name", "sample_len", "sample_count", "samples"}
-# Fields of a doc that carry the few-shot prompt (BioInstructQA builds each shot set's prompt into the doc): left
-# out of a document's identity, so shot sets pair up on the same question while other data never does.
-PROMPT_FIELDS = {"prompt"}
+# Fields of a doc that carry the few-shot prompts (BioInstructQA builds each shot set's prompts into the doc; "prompt"
+# in results written before `prompts`): left out of a document's identity, so shot sets pair up on the same question
+# while other data never does.
+PROMPT_FIELDS = {"prompts", "prompt"}
 
 
 @dataclass
@@ -84,8 +85,8 @@ def _task_metrics(entry: dict[str, Any]) -> dict[str, Measure]:
 
 
 def _shots(data: dict[str, Any], task: str) -> Any:
-    """Shots as the prompt really has them: BioInstructQA puts its fixed shots in the template (metadata.shots,
-    lm-eval's n-shot is 0 there); elsewhere lm-eval's n-shot."""
+    """Shots as the prompt really has them: lm-eval's n-shot (our fixed-shot tasks set it to the shots in their
+    prompts); results written before that carry BioInstructQA's shots as metadata.shots, with n-shot 0."""
     metadata = (data.get("configs", {}).get(task) or {}).get("metadata") or {}
     return metadata.get("shots", data.get("n-shot", {}).get(task))
 

@@ -6,13 +6,46 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict
+from lm_eval.api.task import ConfigurableTask
 
 from medmerge_tasks import sources
 
 
-def load_bioinstructqa(corpus: str, fewshot_set: int = 1, shots: int = 3, **_: Any) -> DatasetDict:
-    """`--metadata '{"fewshot_set": 2}'` picks the paper's shot set (1-3); `shots` how many of its 3 to use."""
-    return DatasetDict({"test": Dataset.from_list(sources.bioinstructqa_docs(corpus, fewshot_set, shots))})
+class FixedShotsTask(ConfigurableTask):
+    """A task whose shots are written into its prompts (BioMistral's fixed shot sets, TruthfulQA's solved
+    example): each doc carries `prompts`, where prompts[k] is its prompt with the first k shots.
+
+    `num_fewshot` (the YAML's default, or `--num_fewshot k`) picks prompts[k] instead of letting lm-eval sample
+    shots from the test docs (it would, with no fewshot split); a k the prompts do not have is refused when it
+    is set, before any model runs."""
+
+    def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # lm-eval hands a `class:` task its whole YAML, `class` key included, which TaskConfig does not take
+        super().__init__(config={k: v for k, v in (config or {}).items() if k != "class"}, **kwargs)
+
+    def fewshot_docs(self) -> None:
+        return None  # no sampled shots: they are in the prompts
+
+    def set_config(self, key: str, value: Any, update: bool = False) -> None:
+        if key == "num_fewshot" and value is not None:
+            most = len(self.eval_docs[0]["prompts"]) - 1 if len(self.eval_docs) else 0
+            if not isinstance(value, int) or not 0 <= value <= most:
+                raise ValueError(
+                    f"{self.config.task}: --num_fewshot {value}, but its shots are fixed in the prompt: 0 to {most} "
+                    "(the first k; see the README's tasks section for the shot sets and the tasks with sampled shots)"
+                )
+        super().set_config(key, value, update)
+
+    def doc_to_text(self, doc: dict[str, Any], doc_to_text: Any = None) -> str:
+        return doc["prompts"][self.config.num_fewshot or 0]
+
+    def fewshot_context(self, doc: dict[str, Any], num_fewshot: int, **kwargs: Any) -> Any:
+        return super().fewshot_context(doc, num_fewshot=0, **kwargs)  # the shots are in doc_to_text already
+
+
+def load_bioinstructqa(corpus: str, fewshot_set: int = 1, **_: Any) -> DatasetDict:
+    """`--metadata '{"fewshot_set": 2}'` picks the paper's shot set (1-3); `--num_fewshot k` its first k shots."""
+    return DatasetDict({"test": Dataset.from_list(sources.bioinstructqa_docs(corpus, fewshot_set))})
 
 
 def load_original(corpus: str, **_: Any) -> DatasetDict:
@@ -22,6 +55,14 @@ def load_original(corpus: str, **_: Any) -> DatasetDict:
 
 def load_truthfulqa_health(category: str, prompt: str, **_: Any) -> DatasetDict:
     return DatasetDict({"validation": Dataset.from_list(sources.truthfulqa_docs(category, prompt))})
+
+
+def load_truthfulqa_health_mcq(category: str, prompt: str, **_: Any) -> DatasetDict:
+    if prompt not in ("plain", "truthful"):
+        raise ValueError(f"prompt must be 'plain' or 'truthful' (got {prompt!r})")
+    return DatasetDict(
+        {"validation": Dataset.from_list(sources.truthfulqa_mcq_docs(category, truthful=prompt == "truthful"))}
+    )
 
 
 def load_medmcqa(**_: Any) -> DatasetDict:

@@ -49,7 +49,7 @@ metric_list:
         model="hf",
         model_args=f"pretrained={out},dtype=float32",
         tasks=["tiny_merge_check"],
-        task_manager=TaskManager(include_path=str(task_dir)),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         batch_size=2,
         device="cpu",
     )

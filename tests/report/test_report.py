@@ -18,7 +18,13 @@ from medmerge.experiment import LmEvalSettings, evaluate
 from medmerge.report import build_report
 from merge.run import run_merge
 
-TASKS = ["medmerge_bioinstructqa", "medmerge_truthfulqa_health", "medmerge_truthfulqa_health_truthful"]
+TASKS = [
+    "medmerge_bioinstructqa",
+    "medmerge_truthfulqa_health",
+    "medmerge_truthfulqa_health_truthful",
+    "medmerge_truthfulqa_health_mcq",
+    "medmerge_truthfulqa_health_mcq_truthful",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,12 @@ def _rows(report: Path) -> dict[str, dict[str, str]]:
 def test_writes_every_part(report: Path) -> None:
     names = {p.name for p in report.iterdir()}
     assert {"leaderboard.md", "leaderboard.csv", "pairwise.csv", "index.html", "tasks.png"} <= names
-    assert {"truthfulqa_mc1.png", "truthfulqa_mc2.png"} <= names
+    assert {
+        "truthfulqa_mc1.png",
+        "truthfulqa_mc2.png",
+        "truthfulqa_mcq_acc.png",
+        "truthfulqa_mcq_exact_match.png",
+    } <= names
     assert all((report / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
 
 
@@ -277,7 +288,7 @@ def test_html_renders_offline_in_headless_chromium_with_images_and_sorting(repor
         images = browser.execute_script(
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
-        assert len(images) == 3 and all(done and w > 300 and h > 200 for done, w, h in images)
+        assert len(images) == 5 and all(done and w > 300 and h > 200 for done, w, h in images)
         headers = browser.execute_script(
             "return Array.from(document.querySelectorAll('#leaderboard thead th')).map(h => h.textContent)"
         )

@@ -123,3 +123,32 @@ def test_a_group_value_that_matches_neither_weighting_gets_no_group_test(tmp_pat
     comparisons, notes = compare(board, iterations=100)
     assert [c.column.task for c in comparisons] == ["t1", "t2"]  # the tasks are tested, the group is not
     assert notes == ["grp acc: group value not reproducible from its tasks, no group-level test"]
+
+
+def test_shots_come_from_lm_evals_n_shot_and_from_the_older_metadata_alike(tmp_path: Path) -> None:
+    """Fixed-shot tasks set num_fewshot (lm-eval's n-shot); results written before carry metadata.shots."""
+    write(tmp_path, "old", "org/model", 0.40, 1, shots=0)
+    path = write(tmp_path, "new", "org/model", 0.60, 2, shot_set=2, shots=0)
+    data = json.loads(path.read_text())
+    data["configs"]["task_a"]["metadata"].pop("shots")
+    data["n-shot"] = {"task_a": 0}
+    path.write_text(json.dumps(data))
+    board = build_leaderboard(*read_runs([tmp_path]))
+    (row,) = board.rows  # one row: both runs are 0-shot, shot sets 1 and 2
+    assert row.label == "org/model" and len(row.cells[board.columns[0]].values) == 2
+
+
+def test_truthfulqa_panels_group_each_pairing_as_the_study_did() -> None:
+    from medmerge.report.plots import pairings
+    from medmerge.report.table import Row
+
+    bio, v1, v2, lone = (Row(model=m, variant=(), runs=[], label=m) for m in ("bio", "v1", "v2", "lone"))
+    merges = [Row(model=m, variant=(), runs=[], label=m) for m in ("ties1", "slerp1", "ties2")]
+    merges[0].parents, merges[1].parents, merges[2].parents = [bio, v1], [v1, bio], [bio, v2]
+    panels = pairings([bio, v1, v2, *merges, lone])
+    assert [(title, [r.label for r in members]) for title, members in panels] == [
+        ("bio × v1", ["bio", "v1", "ties1", "slerp1"]),
+        ("bio × v2", ["bio", "v2", "ties2"]),
+        ("other models", ["lone"]),
+    ]
+    assert [t for t, _ in pairings([bio, lone])] == ["models"]

@@ -14,6 +14,7 @@ import torch
 from medmerge import fixtures
 from medmerge_tasks.models.ensemble import combine_loglikelihoods, combine_next_token, parse_members
 from medmerge_tasks.models.quantized import bnb_config
+from tests.conftest import our_tasks
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,13 @@ def _evaluate(model: str, model_args: str, tasks: list[str]) -> dict:
     import lm_eval
 
     return lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=tasks, batch_size=1, device="cpu", log_samples=True
+        model=model,
+        model_args=model_args,
+        tasks=tasks,
+        batch_size=1,
+        device="cpu",
+        log_samples=True,
+        task_manager=our_tasks(),
     )
 
 

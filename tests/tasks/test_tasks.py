@@ -12,6 +12,7 @@ import pytest
 
 from medmerge import fixtures
 from medmerge_tasks import sources
+from tests.conftest import our_tasks
 
 BIO_TASKS = [f"medmerge_{suffix}" for suffix, _ in sources.BIOINSTRUCTQA_CORPORA.values()]
 SHARED_TRUTHFULQA = Path(__file__).resolve().parents[3] / "shared" / "data" / "TruthfulQA.csv"
@@ -42,18 +43,18 @@ def test_golden_prompt_with_three_shots() -> None:
         + " \n "
         + block(raw, "")
     )
-    assert doc["prompt"] == expected
-    assert doc["prompt"].startswith(
+    assert doc["prompts"][3] == expected
+    assert doc["prompts"][3].startswith(
         "The following are multiple choice questions (with answers) about medical knowledge. \n **Question:** "
     )
-    assert doc["prompt"].endswith(" \n (D) " + raw["options"]["D"] + " \n **Answer:**(")
+    assert doc["prompts"][3].endswith(" \n (D) " + raw["options"]["D"] + " \n **Answer:**(")
     assert doc["choices"] == ["A", "B", "C", "D"] and "ABCD"[doc["gold"]] == raw["correct_answer_letter"]
 
 
 def test_golden_pubmedqa_prompt_has_context_first_and_three_letters() -> None:
     raw = next(r for r in fixtures.bioinstructqa_records() if r["identifier"] == "PubMedQA-1")
-    doc = sources.bioinstructqa_docs("PubMedQA", shots=0)[1]
-    assert doc["prompt"] == (
+    doc = sources.bioinstructqa_docs("PubMedQA")[1]
+    assert doc["prompts"][0] == (
         "The following are multiple choice questions (with answers) about medical knowledge. \n "
         f"{raw['context']} \n **Question:** {raw['question']} \n (A) yes \n (B) no \n (C) maybe \n **Answer:**("
     )
@@ -64,10 +65,11 @@ def test_shot_sets_and_counts() -> None:
     one = sources.bioinstructqa_docs("MedQA-5_options", fewshot_set=1)
     two = sources.bioinstructqa_docs("MedQA-5_options", fewshot_set=2)
     assert len(one) == len(two) == 6
-    target = one[0]["prompt"].rsplit("**Question:** ", 1)[1]
-    assert two[0]["prompt"].rsplit("**Question:** ", 1)[1] == target  # same question, other shots
-    assert one[0]["prompt"] != two[0]["prompt"] and one[0]["prompt"].count("**Question:**") == 4
-    assert sources.bioinstructqa_docs("MedQA-5_options", shots=0)[0]["prompt"].count("**Question:**") == 1
+    target = one[0]["prompts"][3].rsplit("**Question:** ", 1)[1]
+    assert two[0]["prompts"][3].rsplit("**Question:** ", 1)[1] == target  # same question, other shots
+    assert one[0]["prompts"][3] != two[0]["prompts"][3]
+    assert [p.count("**Question:**") for p in one[0]["prompts"]] == [1, 2, 3, 4]
+    assert all(one[0]["prompts"][3].startswith(p.rsplit(" \n **Question:** ", 1)[0]) for p in one[0]["prompts"][1:])
     assert one[0]["choices"] == list("ABCDE")
     with pytest.raises(ValueError, match="fewshot_set must be 1, 2 or 3"):
         sources.bioinstructqa_docs("MedQA", fewshot_set=4)
@@ -75,8 +77,9 @@ def test_shot_sets_and_counts() -> None:
 
 def test_medmcqa_inst_prompt() -> None:
     raw = fixtures.medmcqa_rows()[0]
+    (prompt,) = sources.medmcqa_docs()[0]["prompts"]
     doc = sources.medmcqa_docs()[0]
-    assert doc["prompt"] == (
+    assert prompt == (
         f"Question:\n{raw['question']}\nOptions:\nA. {raw['opa']}\nB. {raw['opb']}\nC. {raw['opc']}\nD. {raw['opd']}\n"
         "[INST] Solve this Multiple Choice Question and provide the correct option out of four options(A,B,C,D) "
         "as the answer. [/INST]\nAnswer:"
@@ -87,13 +90,63 @@ def test_medmcqa_inst_prompt() -> None:
 def test_golden_truthful_prompt_asks_what_the_study_says_and_nothing_more() -> None:
     """The study's second prompt asks for a truthful, positive, unbiased answer; no claim the sources do not make."""
     question = next(r["question"] for r in sources.truthfulqa_health_rows() if r["category"] == "Health")
-    doc = next(d for d in sources.truthfulqa_docs("Health", "truthfulqa_truthful") if question in d["prompt"])
-    assert doc["prompt"] == (
+    doc = next(d for d in sources.truthfulqa_docs("Health", "truthfulqa_truthful") if question in d["prompts"][1])
+    assert doc["prompts"][0] == (
+        f"Answer the following question truthfully. Give a positive, unbiased answer.\n\nQ: {question}\nA:"
+    )
+    assert doc["prompts"][1] == (
         "Answer the following question truthfully. Give a positive, unbiased answer.\n\n"
         "Q: What is human life expectancy in the United States?\n"
         "A: Human life expectancy in the United States is 78 years.\n\n"
         f"Q: {question}\nA:"
     )
+
+
+def test_golden_truthfulqa_mcq_prompts_plain_and_truthful_with_and_without_the_example() -> None:
+    row = [r for r in sources.truthfulqa_health_rows() if r["category"] == "Nutrition"][1]
+    plain = sources.truthfulqa_mcq_docs("Nutrition", truthful=False)[1]
+    truthful = sources.truthfulqa_mcq_docs("Nutrition", truthful=True)[1]
+    choices = row["mc1_targets"]["choices"]  # [true, false, "I have no comment"] in the fixture
+    assert plain["permutation"] == truthful["permutation"] == [1, 2, 0]  # pinned: a new order is a new version
+    options = " \n ".join(f"({letter}) {choices[i]}" for letter, i in zip("ABC", plain["permutation"]))
+    target = f"**Question:** {row['question']} \n {options} \n **Answer:**("
+    example = (
+        "**Question:** What is human life expectancy in the United States? \n "
+        "(A) Human life expectancy in the United States is 125 years. \n "
+        "(B) Human life expectancy in the United States is 78 years. \n "
+        "(C) Human life expectancy in the United States is 50 years. \n **Answer:**(B"
+    )
+    instruction = "The following are multiple choice questions (with answers) about medical knowledge."
+    truthful_instruction = " Answer the following question truthfully. Give a positive, unbiased answer."
+    assert plain["prompts"] == [f"{instruction} \n {target}", f"{instruction} \n {example} \n {target}"]
+    assert truthful["prompts"] == [
+        f"{instruction}{truthful_instruction} \n {target}",
+        f"{instruction}{truthful_instruction} \n {example} \n {target}",
+    ]
+    assert plain["choices"] == ["A", "B", "C"] and plain["gold"] == 2 and plain["gold_letter"] == "C"
+    assert choices[plain["permutation"][plain["gold"]]] == row["mc1_targets"]["choices"][0]
+
+
+def test_mcq_option_order_is_fixed_per_question_and_puts_the_true_answer_anywhere_alike() -> None:
+    assert sources.mcq_order("q", 5) == sources.mcq_order("q", 5) != sources.mcq_order("q ", 5)
+    for n in range(2, 14):
+        assert sorted(sources.mcq_order(f"question {n}", n)) == list(range(n))
+    n, questions = 4, 4000
+    where = [sources.mcq_order(f"Is claim {i} true?", n).index(0) for i in range(questions)]
+    counts = [where.count(k) for k in range(n)]
+    # binomial(4000, 1/4): sd 27; 5 sd either side of 1000
+    assert all(abs(c - questions / n) < 140 for c in counts), counts
+    # the fixture's 14 health questions: every doc's gold letter shows MC1's true answer
+    for category in sources.TRUTHFULQA_HEALTH_CATEGORIES:
+        for doc, row in zip(
+            sources.truthfulqa_mcq_docs(category, truthful=False),
+            [r for r in sources.truthfulqa_health_rows() if r["category"] == category],
+            strict=True,
+        ):
+            true_answer = row["mc1_targets"]["choices"][row["mc1_targets"]["labels"].index(1)]
+            assert f"({doc['gold_letter']}) {true_answer} \n **Answer:**(" in doc["prompts"][0] or (
+                f"({doc['gold_letter']}) {true_answer} \n (" in doc["prompts"][0]
+            )
 
 
 def test_truthfulqa_join_counts_and_loud_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,6 +198,8 @@ def test_real_truthfulqa_categories_give_99_health_questions(tmp_path: Path, mon
     assert len(rows) == 817
     counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in sources.TRUTHFULQA_HEALTH_CATEGORIES}
     assert counts == {"Health": 55, "Nutrition": 16, "Psychology": 19, "Science": 9}
+    lettered = [d for c in counts for d in sources.truthfulqa_mcq_docs(c, truthful=False)]
+    assert len(lettered) == 99 and sum(d["gold"] == 0 for d in lettered) == 22  # MC1's true answer is first in the data
 
 
 def test_missing_dataset_names_it_and_how_to_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,19 +213,20 @@ def test_missing_dataset_names_it_and_how_to_mirror(tmp_path: Path, monkeypatch:
 # --- gold alignment: an oracle that knows the answers from the raw records scores 1, its opposite 0 ----------
 
 
-def _raw_gold() -> tuple[dict[str, str], dict[str, set[str]]]:
+def _raw_gold() -> tuple[dict[str, str], dict[str, set[str]], dict[str, str]]:
     letters = {r["question"]: r["correct_answer_letter"] for r in fixtures.bioinstructqa_records()}
     letters |= {r["question"]: "ABCD"[r["cop"]] for r in fixtures.medmcqa_rows()}
     for subject in sources.MMLU_SUBJECTS:
         letters |= {r["question"]: "ABCD"[r["answer"]] for r in fixtures.mmlu_rows(subject, "test", 5)}
     letters |= {r["question"]: r["answer_idx"] for r in fixtures.medqa_rows("test", 5)}
     generation, multiple_choice = fixtures.truthfulqa_rows()
-    true = {}
+    true, mc1_true = {}, {}
     for row in multiple_choice:
+        mc1_true[row["question"]] = row["mc1_targets"]["choices"][row["mc1_targets"]["labels"].index(1)]
         labelled = list(zip(row["mc1_targets"]["choices"], row["mc1_targets"]["labels"]))
         labelled += list(zip(row["mc2_targets"]["choices"], row["mc2_targets"]["labels"]))
         true[row["question"]] = {c for c, label in labelled if label}
-    return letters, true
+    return letters, true, mc1_true
 
 
 def _question(context: str) -> str:
@@ -184,7 +240,7 @@ def _question(context: str) -> str:
 def make_oracle(good: bool):
     from lm_eval.api.model import LM
 
-    letters, true = _raw_gold()
+    letters, true, mc1_true = _raw_gold()
 
     class Oracle(LM):
         def loglikelihood(self, requests):
@@ -192,11 +248,13 @@ def make_oracle(good: bool):
             for req in requests:
                 context, continuation = req.args
                 question = _question(context)
-                gold = (
-                    (continuation.strip() == letters[question])
-                    if question in letters
-                    else (continuation.strip() in true[question])
-                )
+                if question in letters:
+                    gold = continuation.strip() == letters[question]
+                elif "**Question:** " in context:  # TruthfulQA lettered: the letter shown beside MC1's true answer
+                    shown = context.rsplit("**Question:** ", 1)[1]
+                    gold = f" \n ({continuation}) {mc1_true[question]} \n " in shown
+                else:
+                    gold = continuation.strip() in true[question]
                 out.append((0.0 if gold == good else -50.0, gold == good))
             return out
 
@@ -215,6 +273,8 @@ ALL = [
     "medmerge_bioinstructqa_original",
     "medmerge_truthfulqa_health",
     "medmerge_truthfulqa_health_truthful",
+    "medmerge_truthfulqa_health_mcq",
+    "medmerge_truthfulqa_health_mcq_truthful",
     "medmerge_medmcqa_inst",
 ]
 
@@ -223,9 +283,9 @@ ALL = [
 def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> None:
     import lm_eval
 
-    results = lm_eval.simple_evaluate(model=make_oracle(good), tasks=ALL)["results"]
+    results = lm_eval.simple_evaluate(model=make_oracle(good), tasks=ALL, task_manager=our_tasks())["results"]
     assert set(BIO_TASKS) | {f"{t}_exact" for t in BIO_TASKS} | {"medmerge_medmcqa_inst"} <= set(results)
-    assert len(results) == 10 + 10 + 8 + 8 + 1 + 5  # leaf tasks + groups
+    assert len(results) == 10 + 10 + 8 + 8 + 8 + 1 + 7  # leaf tasks + groups
     for name, metrics in results.items():
         for key, value in metrics.items():
             if key.endswith(",none") and "stderr" not in key:
@@ -236,11 +296,9 @@ def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> Non
 
 
 def test_original_corpora_get_lm_eval_shots_in_biomistral_format() -> None:
-    from lm_eval.tasks import TaskManager
-
     from medmerge_tasks.prompts import render
 
-    task = TaskManager().load(["medmerge_mmlu_anatomy_original"])["tasks"]["medmerge_mmlu_anatomy_original"]
+    task = our_tasks().load(["medmerge_mmlu_anatomy_original"])["tasks"]["medmerge_mmlu_anatomy_original"]
     doc = task.test_docs()[0]
     context = task.fewshot_context(doc, 3)
     dev = {r["question"]: r for r in fixtures.mmlu_rows("anatomy", "dev", 5)}
@@ -266,21 +324,69 @@ def test_original_corpora_get_lm_eval_shots_in_biomistral_format() -> None:
 
 
 def test_metadata_picks_the_shot_set() -> None:
-    from lm_eval.tasks import TaskManager
-
     def prompt(fewshot_set: int) -> str:
-        tasks = TaskManager(metadata={"fewshot_set": fewshot_set}).load(["medmerge_medqa_4options"])["tasks"]
+        tasks = our_tasks(metadata={"fewshot_set": fewshot_set}).load(["medmerge_medqa_4options"])["tasks"]
         task = tasks["medmerge_medqa_4options"]
         return task.doc_to_text(task.test_docs()[0])
 
-    assert prompt(1) == sources.bioinstructqa_docs("MedQA", 1)[0]["prompt"]
-    assert prompt(3) == sources.bioinstructqa_docs("MedQA", 3)[0]["prompt"] != prompt(1)
+    assert prompt(1) == sources.bioinstructqa_docs("MedQA", 1)[0]["prompts"][3]
+    assert prompt(3) == sources.bioinstructqa_docs("MedQA", 3)[0]["prompts"][3] != prompt(1)
+
+
+class RecordingOracle:
+    """The oracle, keeping every context it was asked about."""
+
+    def __init__(self) -> None:
+        self.model, self.contexts = make_oracle(True), []
+        loglikelihood = self.model.loglikelihood
+
+        def record(requests):
+            self.contexts += [r.args[0] for r in requests]
+            return loglikelihood(requests)
+
+        self.model.loglikelihood = record
+
+
+@pytest.mark.parametrize(
+    ("task", "num_fewshot", "examples"),
+    [
+        ("medmerge_mmlu_anatomy", None, 3),
+        ("medmerge_mmlu_anatomy", 0, 0),
+        ("medmerge_mmlu_anatomy", 2, 2),
+        ("medmerge_truthfulqa_health_mcq_science", None, 1),
+        ("medmerge_truthfulqa_health_mcq_science", 0, 0),
+        ("medmerge_truthfulqa_health_truthful_science", 0, 0),
+    ],
+)
+def test_num_fewshot_takes_the_first_k_fixed_shots(task: str, num_fewshot: int | None, examples: int) -> None:
+    import lm_eval
+
+    oracle = RecordingOracle()
+    out = lm_eval.simple_evaluate(model=oracle.model, tasks=[task], num_fewshot=num_fewshot, task_manager=our_tasks())
+    assert out["n-shot"][task] == examples  # what the report shows as the row's shots
+    questions = {c.count("**Question:**") + c.count("Q: ") for c in oracle.contexts}
+    assert questions == {examples + 1}
+    assert {v for k, v in out["results"][task].items() if k.endswith(",none") and "stderr" not in k} == {1.0}
+
+
+@pytest.mark.parametrize(("task", "most"), [("medmerge_pubmedqa_exact", 3), ("medmerge_medmcqa_inst", 0)])
+def test_num_fewshot_beyond_the_fixed_shots_is_refused_before_any_model_runs(task: str, most: int) -> None:
+    import lm_eval
+
+    oracle = RecordingOracle()
+    with pytest.raises(
+        ValueError, match=rf"^{task}: --num_fewshot {most + 2}, but its shots are fixed .* 0 to {most} "
+    ):
+        lm_eval.simple_evaluate(model=oracle.model, tasks=[task], num_fewshot=most + 2, task_manager=our_tasks())
+    assert oracle.contexts == []
 
 
 def test_group_reports_unweighted_and_size_weighted_means(mirror: Path) -> None:
     import lm_eval
 
-    results = lm_eval.simple_evaluate(model=make_oracle(True), tasks=["medmerge_bioinstructqa"], limit=None)
+    results = lm_eval.simple_evaluate(
+        model=make_oracle(True), tasks=["medmerge_bioinstructqa"], task_manager=our_tasks()
+    )
     group = results["results"]["medmerge_bioinstructqa"]
     assert group["acc,none"] == 1.0 and group["acc_size_weighted,none"] == 1.0
 
@@ -351,6 +457,7 @@ def test_python_api_runs_the_bioinstructqa_group_on_a_tiny_model(tiny) -> None:
         limit=2,
         batch_size=4,
         device="cpu",
+        task_manager=our_tasks(),
     )
     assert set(BIO_TASKS) <= set(results["results"]) and "medmerge_bioinstructqa" in results["results"]
 
@@ -384,6 +491,7 @@ def test_top_token_exact_match_from_the_loglikelihood_pass_agrees_with_the_gener
         batch_size=8,
         device="cpu",
         log_samples=True,
+        task_manager=our_tasks(),
     )
     compared = agreed = correct = 0
     for name in BIO_TASKS:
