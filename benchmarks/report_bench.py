@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medmerge.report import build_report
-from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA
+from medmerge_tasks.corpora import BIOINSTRUCTQA_CORPORA
 
 SIZES = {  # BioInstructQA test sizes (shared/README.md)
     "mmlu_clinical_knowledge": 265,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
 
@@ -110,11 +110,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pull(args: argparse.Namespace) -> int:
-    from medmerge_tasks.sources import DATASETS, pull
-    from merge.io.hub import hub_reachable
+    from medmerge_common.hub import hub_reachable
+    from medmerge_tasks.corpora import DATASETS
+    from medmerge_tasks.sources import pull
 
     if not hub_reachable():
-        raise RecipeError(
+        raise UserError(
             "the hub cannot be reached from here: run `medmerge data pull --to DIR` on a machine "
             "with a network, copy DIR here and set MEDMERGE_DATA_DIR=DIR"
         )
@@ -262,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             func: Callable[[argparse.Namespace], int] = args.func
             return func(args)
-    except RecipeError as exc:
+    except UserError as exc:
         for problem in exc.problems:
             print(f"medmerge: error: {problem}", file=sys.stderr)
         return 2

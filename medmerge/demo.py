@@ -11,15 +11,15 @@ Needs no network; a few minutes at most on 2 CPU cores.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
 
-from medmerge.experiment import run_experiment
+from medmerge.experiment import run_experiment, scoped_environment
 from medmerge.fixtures import build_data_mirror
 from medmerge.tiny import build_model, build_tokenizer, finetune_on_answers
-from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA, bioinstructqa_docs
+from medmerge_tasks.corpora import BIOINSTRUCTQA_CORPORA
+from medmerge_tasks.sources import bioinstructqa_docs
 
 # Each parent learns the answers of its own corpora (the synthetic fixture questions), so the report shows
 # each parent strong on its side and the merges in between.
@@ -69,13 +69,14 @@ def run_demo(work: Path, progress: bool = True) -> Path:
     say = print if progress else (lambda *a, **k: None)
     work = work.resolve()
     models = work / "models"
-    os.environ["MEDMERGE_DATA_DIR"] = str(build_data_mirror(work / "data"))
+    data = build_data_mirror(work / "data")
     if not all((models / p / "config.json").exists() for p in PARENTS):
         say("building a tiny base model, then two parents fine-tuned for a few CPU seconds on different corpora")
         build_tokenizer(models / "tokenizer")
         build_model(models / "base", models / "tokenizer", seed=0)
         for name, corpora in PARENTS.items():
-            examples = [(d["prompts"][3], d["gold_letter"]) for c in corpora for d in bioinstructqa_docs(c)]
+            with scoped_environment(MEDMERGE_DATA_DIR=str(data)):
+                examples = [(d["prompts"][3], d["gold_letter"]) for c in corpora for d in bioinstructqa_docs(c)]
             finetune_on_answers(models / "base", models / name, examples, seed=len(name))
     recipe_dir = work / "recipes"
     recipe_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ def run_demo(work: Path, progress: bool = True) -> Path:
         "recipes": [f"recipes/{name}.yaml" for name in demo_recipes(work)],
         "models": ["models/base", *(f"models/{p}" for p in PARENTS)],
         "tasks": TASKS,
+        "data_dir": "data",
         "fewshot_sets": [1],
         "lm_eval": {"model": "hf", "batch_size": 8, "dtype": "float32", "device": "cpu"},
     }

@@ -8,6 +8,7 @@ is reused; a changed recipe or setting is redone. Kill it anywhere and run again
     recipes: [../recipes/biomistral-instruct-slerp.yaml]   # merged into work_dir/models/<recipe name>
     models: [BioMistral/BioMistral-7B]  # evaluated as they are (hub ids or directories)
     tasks: [medmerge_bioinstructqa]
+    data_dir: null                      # a dataset mirror (MEDMERGE_DATA_DIR) for these evaluations only
     fewshot_sets: [1, 2, 3]             # BioInstructQA's fixed shot sets: one evaluation per set
     merge: {device: cpu, seed: 0}
     lm_eval: {model: hf, batch_size: 8, dtype: bfloat16, device: cuda, limit: null, model_args: {}}
@@ -17,16 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from medmerge.report import build_report
-from merge.errors import RecipeError
-from merge.io.outdir import atomic_output_dir
+from medmerge_common.errors import UserError
+from medmerge_common.outdir import atomic_output_dir
+from medmerge_tasks.corpora import BIOINSTRUCTQA_SHOT_SETS
 from merge.recipe import load_recipe
 from merge.run import Progress, run_merge
 from merge.yamlfile import field_name, line_of, load_yaml, validate_model
@@ -59,6 +62,7 @@ class Experiment(_Strict):
     recipes: list[str] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list)
     tasks: list[str] = Field(min_length=1)
+    data_dir: str | None = None
     fewshot_sets: list[int] = Field(default_factory=lambda: [1])
     merge: MergeSettings = Field(default_factory=MergeSettings)
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
@@ -72,7 +76,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
     base = Path(path).resolve().parent
     for i, recipe in enumerate(experiment.recipes):
         if not (base / recipe).is_file():
-            raise RecipeError(
+            raise UserError(
                 f"recipe file {recipe} not found",
                 file=path,
                 line=line_of(lines, ("recipes", i)),
@@ -85,7 +89,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
     for key, i, name in arms:
         if name in names:
             other_key, other = names[name]
-            raise RecipeError(
+            raise UserError(
                 f"'{name}' names two arms ({other_key}[{other}] and {key}[{i}]): their merges and results would "
                 "share one directory; rename one of them",
                 file=path,
@@ -93,9 +97,9 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
                 field=field_name((key, i)),
             )
         names[name] = (key, i)
-    if any(s not in (1, 2, 3) for s in experiment.fewshot_sets):
-        raise RecipeError(
-            "fewshot_sets are BioInstructQA's shot sets 1, 2 and 3",
+    if any(s not in BIOINSTRUCTQA_SHOT_SETS for s in experiment.fewshot_sets):
+        raise UserError(
+            f"fewshot_sets are BioInstructQA's shot sets {', '.join(map(str, BIOINSTRUCTQA_SHOT_SETS))}",
             file=path,
             line=line_of(lines, ("fewshot_sets",)),
             field="fewshot_sets",
@@ -127,18 +131,18 @@ def run_experiment(
     (work / "models").mkdir(parents=True, exist_ok=True)
     candidates: dict[str, tuple[str, str]] = {}  # name -> (pretrained, identity key)
 
-    for i, recipe in enumerate(experiment.recipes, 1):
-        recipe_path = base / recipe
-        name = recipe_path.stem
+    for i, recipe_file in enumerate(experiment.recipes, 1):
+        recipe = load_recipe(base / recipe_file)  # read once: what is hashed is what is merged
+        name = Path(recipe_file).stem
         out = work / "models" / name
-        key = _digest(recipe_path.read_text(), experiment.merge.model_dump())
+        key = _digest(recipe.source_text, experiment.merge.model_dump())
         if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
             say(f"[merge {i}/{len(experiment.recipes)}] {name}: up to date")
         else:
             say(f"[merge {i}/{len(experiment.recipes)}] {name}")
             with progress(f"merging {name}") if progress else nullcontext() as update:
                 run_merge(
-                    recipe_path,
+                    recipe,
                     out,
                     device=experiment.merge.device,
                     seed=experiment.merge.seed,
@@ -155,18 +159,22 @@ def run_experiment(
         candidates[arm_name(model, base)] = (pretrained, _digest(pretrained))
 
     settings = experiment.lm_eval.model_dump()
+    data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
     runs = [(name, s) for name in candidates for s in experiment.fewshot_sets]
     result_dirs = []
     for i, (name, shot_set) in enumerate(runs, 1):
         pretrained, identity = candidates[name]
         out = work / "results" / name.replace("/", "__") / f"shotset{shot_set}"
         result_dirs.append(out)
-        key = _digest(identity, experiment.tasks, shot_set, settings)
+        key = _digest(identity, experiment.tasks, shot_set, settings, *([data_dir] if data_dir else []))
         if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
             say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}: up to date")
             continue
         say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}")
-        with atomic_output_dir(out, overwrite=True, markers=[KEY_FILE]) as staging:
+        with (
+            atomic_output_dir(out, overwrite=True, markers=[KEY_FILE]) as staging,
+            scoped_environment(MEDMERGE_DATA_DIR=data_dir),
+        ):
             evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval, staging)
             (staging / KEY_FILE).write_text(key)
     say("[report]")
@@ -177,6 +185,21 @@ def run_experiment(
         note=note or f"Shot sets {experiment.fewshot_sets}; experiment file {Path(path).resolve()}.",
         say=say,
     )
+
+
+@contextmanager
+def scoped_environment(**values: str | None) -> Iterator[None]:
+    """Set the given environment variables (None: leave as is) for the block only."""
+    saved = {name: os.environ.get(name) for name, value in values.items() if value is not None}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings, output_dir: Path) -> None:
@@ -193,7 +216,7 @@ def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalS
     tracker = EvaluationTracker(output_path=str(output_dir))
     output = lm_eval.simple_evaluate(
         model=settings.model,
-        model_args=",".join(f"{k}={v}" for k, v in model_args.items()),
+        model_args=model_args,  # a dict: values holding commas or '=' reach the model as written
         tasks=tasks,
         batch_size=settings.batch_size,
         device=settings.device,

@@ -4,21 +4,31 @@
   root/BioMistral/BioInstructQA/data.zip        base/overall_test+prompt.json (all ten corpora, 3 shot sets)
   root/truthfulqa/truthful_qa/generation/validation-00000-of-00001.parquet
   root/truthfulqa/truthful_qa/multiple_choice/validation-00000-of-00001.parquet
-  root/openlifescienceai/medmcqa/data/{validation,train}-00000-of-00001.parquet
-  root/cais/mmlu/<subject>/{test,dev}-00000-of-00001.parquet          (the six medical subjects)
-  root/GBaker/MedQA-USMLE-4-options/phrases_no_exclude_{test,train}.jsonl
+  root/<repo>/<file>                            every split of every corpus in corpora.CORPORA, as published
+                                                (e.g. cais/mmlu/anatomy/test-00000-of-00001.parquet), written
+                                                through the corpus's own `write`
 Used by the tests and the offline demo; the questions are made up, the structure is the published one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from medmerge_tasks.sources import BIOINSTRUCTQA_CORPORA, MMLU_SUBJECTS, TRUTHFULQA_HEALTH_CATEGORIES
+from medmerge_tasks.corpora import (
+    BIOINSTRUCTQA,
+    BIOINSTRUCTQA_CORPORA,
+    BIOINSTRUCTQA_SHOT_SETS,
+    CORPORA,
+    TRUTHFULQA,
+    TRUTHFULQA_HEALTH_CATEGORIES,
+    Corpus,
+    Question,
+)
 
 FACTS = [
     ("Which organ produces insulin?", "pancreas", ["liver", "spleen", "kidney", "thyroid"]),
@@ -36,21 +46,40 @@ FACTS = [
 ]
 
 
-def _mc_record(rng: random.Random, corpus: str, index: int, letters: str, with_context: bool) -> dict[str, Any]:
+FIXTURE_ROWS = {"test": 5, "validation": 4, "fewshot": 6}  # questions per split of each corpus
+
+
+def _synthetic(rng: random.Random, label: str, index: int, n_options: int, pubmed: bool = False) -> Question:
+    """A made-up question with one right answer among `n_options` (PubMedQA: yes / no / maybe)."""
     question, answer, wrong = FACTS[index % len(FACTS)]
-    if corpus == "PubMedQA":
-        options = ["yes", "no", "maybe"]
-        gold = rng.randrange(3)
+    if pubmed:
+        options, gold = ["yes", "no", "maybe"], rng.randrange(3)
     else:
-        options = rng.sample(wrong, len(letters) - 1)
-        gold = rng.randrange(len(letters))
+        options = rng.sample(wrong, n_options - 1)
+        gold = rng.randrange(n_options)
         options.insert(gold, answer)
+    return Question(f"{question} ({label} #{index})", tuple(options), gold)
+
+
+def _mc_record(rng: random.Random, corpus: str, index: int, letters: str, with_context: bool) -> dict[str, Any]:
+    """A question block in BioInstructQA's schema."""
+    q = _synthetic(rng, corpus, index, len(letters), pubmed=corpus == "PubMedQA")
+    answer = FACTS[index % len(FACTS)][1]
     return {
         "context": f"Abstract {index}: a study of {answer} in {corpus}." if with_context else None,
-        "question": f"{question} ({corpus} #{index})",
-        "options": dict(zip(letters, options)),
-        "correct_answer_letter": letters[gold],
+        "question": q.question,
+        "options": dict(zip(letters, q.options)),
+        "correct_answer_letter": letters[q.gold],
     }
+
+
+def corpus_questions(corpus: Corpus, split: str) -> list[Question]:
+    """The synthetic questions of one split of a corpus: what its fixture file holds, and the oracle's truth."""
+    rng = random.Random(f"{corpus.name}-{split}")
+    return [
+        dataclasses.replace(_synthetic(rng, f"{corpus.name} {split}", i, 4), id=f"{corpus.name}-{split}-{i}")
+        for i in range(FIXTURE_ROWS[split])
+    ]
 
 
 def bioinstructqa_records(per_corpus: int = 6, seed: int = 0) -> list[dict[str, Any]]:
@@ -68,7 +97,7 @@ def bioinstructqa_records(per_corpus: int = 6, seed: int = 0) -> list[dict[str, 
             }
             if not pubmed:
                 record["context"] = None
-            for s in (1, 2, 3):
+            for s in BIOINSTRUCTQA_SHOT_SETS:
                 record[f"few_shot_samples[{s}]"] = [
                     _mc_record(rng, corpus, 100 * s + j, letters, pubmed) for j in range(3)
                 ]
@@ -105,95 +134,31 @@ def truthfulqa_rows(per_category: dict[str, int] | None = None, other: int = 3) 
     return generation, multiple_choice
 
 
-def medmcqa_rows(n: int = 8, seed: int = 1, split: str = "validation") -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        record = _mc_record(rng, f"MedMCQA {split}", i, "ABCD", False)
-        opts = list(record["options"].values())
-        rows.append(
-            {
-                "id": f"mcqa-{i}",
-                "question": record["question"],
-                "opa": opts[0],
-                "opb": opts[1],
-                "opc": opts[2],
-                "opd": opts[3],
-                "cop": "ABCD".index(record["correct_answer_letter"]),
-                "choice_type": "single",
-                "exp": None,
-                "subject_name": "Physiology",
-                "topic_name": None,
-            }
-        )
-    return rows
-
-
 def build_data_mirror(root: str | Path, per_corpus: int = 6, truthfulqa: tuple[list, list] | None = None) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     root = Path(root)
-    bio = root / "BioMistral" / "BioInstructQA"
+    bio = root / BIOINSTRUCTQA.repo
     bio.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(bio / "data.zip", "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("base/overall_test+prompt.json", json.dumps(bioinstructqa_records(per_corpus)))
     generation, multiple_choice = truthfulqa or truthfulqa_rows()
     for config, rows in (("generation", generation), ("multiple_choice", multiple_choice)):
-        directory = root / "truthfulqa" / "truthful_qa" / config
-        directory.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), directory / "validation-00000-of-00001.parquet")
-    mcqa = root / "openlifescienceai" / "medmcqa" / "data"
-    mcqa.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(medmcqa_rows()), mcqa / "validation-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist(medmcqa_rows(6, seed=2, split="train")), mcqa / "train-00000-of-00001.parquet")
-    for subject in MMLU_SUBJECTS:
-        directory = root / "cais" / "mmlu" / subject
-        directory.mkdir(parents=True, exist_ok=True)
-        for split, n in (("test", 5), ("dev", 5)):
-            pq.write_table(
-                pa.Table.from_pylist(mmlu_rows(subject, split, n)), directory / f"{split}-00000-of-00001.parquet"
+        write_rows(root / TRUTHFULQA.repo / config / "validation-00000-of-00001.parquet", rows)
+    for corpus in CORPORA.values():
+        for split, files in corpus.splits.items():
+            write_rows(
+                root / corpus.dataset.repo / files.published_as,
+                [corpus.write(q, split) for q in corpus_questions(corpus, split)],
             )
-    medqa = root / "GBaker" / "MedQA-USMLE-4-options"
-    medqa.mkdir(parents=True, exist_ok=True)
-    for split, n in (("test", 5), ("train", 6)):
-        rows = medqa_rows(split, n)
-        (medqa / f"phrases_no_exclude_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
-def mmlu_rows(subject: str, split: str, n: int) -> list[dict[str, Any]]:
-    """cais/mmlu schema: question, subject, choices (4), answer (0-3)."""
-    rng = random.Random(f"{subject}-{split}")
-    rows = []
-    for i in range(n):
-        record = _mc_record(rng, f"mmlu {subject} {split}", i, "ABCD", False)
-        rows.append(
-            {
-                "question": record["question"],
-                "subject": subject,
-                "choices": list(record["options"].values()),
-                "answer": "ABCD".index(record["correct_answer_letter"]),
-            }
-        )
-    return rows
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Records as a .parquet or .jsonl file, by the file's suffix (the two formats the hub datasets use)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-def medqa_rows(split: str, n: int) -> list[dict[str, Any]]:
-    """GBaker/MedQA-USMLE-4-options schema: question, answer, options {A-D}, meta_info, answer_idx."""
-    rng = random.Random(f"medqa-{split}")
-    rows = []
-    for i in range(n):
-        record = _mc_record(rng, f"medqa {split}", i, "ABCD", False)
-        letter = record["correct_answer_letter"]
-        rows.append(
-            {
-                "question": record["question"],
-                "answer": record["options"][letter],
-                "options": record["options"],
-                "meta_info": "step1",
-                "answer_idx": letter,
-                "metamap_phrases": [],
-            }
-        )
-    return rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)

@@ -1,4 +1,4 @@
-"""Where each corpus comes from and how its records become lm-eval docs.
+"""How the datasets declared in corpora.py are read and their records become lm-eval docs.
 
 Every dataset is a hub dataset repository, read from its published files (no loading scripts, so it works
 with datasets >= 4):
@@ -6,7 +6,7 @@ with datasets >= 4):
   BioMistral/BioInstructQA   data.zip -> base/overall_test+prompt.json   the ten BioInstructQA corpora, with
                                                                           the paper's three fixed shot sets
   truthfulqa/truthful_qa     generation/ + multiple_choice/ parquet      TruthfulQA (categories from `generation`)
-  openlifescienceai/medmcqa  data/validation-*.parquet                   MedMCQA validation (4183)
+  corpora.CORPORA            each corpus's split files (parquet, jsonl)  MMLU subjects, MedQA, MedMCQA
 
 With MEDMERGE_DATA_DIR=/mirror every repository is read from /mirror/<org>/<name>/ (a plain copy, as
 `hf download --repo-type dataset ORG/NAME --local-dir /mirror/ORG/NAME` or `medmerge data pull` leaves it);
@@ -23,36 +23,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-MMLU_SUBJECTS = (
-    "clinical_knowledge",
-    "medical_genetics",
-    "anatomy",
-    "professional_medicine",
-    "college_biology",
-    "college_medicine",
+from medmerge_tasks.corpora import (
+    BIOINSTRUCTQA,
+    BIOINSTRUCTQA_CORPORA,
+    BIOINSTRUCTQA_SHOT_SETS,
+    CORPORA,
+    DATASETS,
+    LETTERS,
+    TRUTHFULQA,
+    TRUTHFULQA_HEALTH_CATEGORIES,
+    Question,
+    Split,
 )
-DATASETS: dict[str, list[str]] = {
-    "BioMistral/BioInstructQA": ["data.zip", "README.md"],
-    "truthfulqa/truthful_qa": ["generation/*", "multiple_choice/*", "README.md"],
-    "openlifescienceai/medmcqa": ["data/validation-*", "data/train-*", "README.md"],
-    "cais/mmlu": [f"{subject}/*" for subject in MMLU_SUBJECTS],
-    "GBaker/MedQA-USMLE-4-options": ["*.jsonl", "*.parquet", "README.md"],
-}
-
-# BioInstructQA `corpus_name` -> (task suffix, answer letters)
-BIOINSTRUCTQA_CORPORA: dict[str, tuple[str, str]] = {
-    "MMLU_clinical_knowledge": ("mmlu_clinical_knowledge", "ABCD"),
-    "MMLU_medical_genetics": ("mmlu_medical_genetics", "ABCD"),
-    "MMLU_anatomy": ("mmlu_anatomy", "ABCD"),
-    "MMLU_professional_medicine": ("mmlu_professional_medicine", "ABCD"),
-    "MMLU_college_biology": ("mmlu_college_biology", "ABCD"),
-    "MMLU_college_medicine": ("mmlu_college_medicine", "ABCD"),
-    "MedQA": ("medqa_4options", "ABCD"),
-    "MedQA-5_options": ("medqa_5options", "ABCDE"),
-    "MedMCQA": ("medmcqa", "ABCD"),
-    "PubMedQA": ("pubmedqa", "ABC"),
-}
-TRUTHFULQA_HEALTH_CATEGORIES = ("Health", "Nutrition", "Psychology", "Science")
 
 
 class DatasetMissing(RuntimeError):
@@ -72,12 +54,15 @@ def dataset_dir(repo_id: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    from merge.io.hub import hub_reachable
+    from medmerge_common.hub import hub_reachable
 
     try:
         return Path(
             snapshot_download(
-                repo_id, repo_type="dataset", allow_patterns=DATASETS.get(repo_id), local_files_only=not hub_reachable()
+                repo_id,
+                repo_type="dataset",
+                allow_patterns=list(DATASETS[repo_id].files) if repo_id in DATASETS else None,
+                local_files_only=not hub_reachable(),
             )
         )
     except Exception as exc:
@@ -92,8 +77,9 @@ def pull(to: Path | None = None) -> list[Path]:
     from huggingface_hub import snapshot_download
 
     out = []
-    for repo_id, patterns in DATASETS.items():
+    for repo_id, dataset in DATASETS.items():
         local_dir = None if to is None else str(Path(to) / repo_id)
+        patterns = list(dataset.files)
         out.append(Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, local_dir=local_dir)))
     return out
 
@@ -103,7 +89,7 @@ def pull(to: Path | None = None) -> list[Path]:
 
 def bioinstructqa_records(split: str = "test") -> tuple[dict[str, Any], ...]:
     """All records of `base/overall_<split>+prompt.json` inside BioInstructQA's data.zip."""
-    return _zip_records(dataset_dir("BioMistral/BioInstructQA") / "data.zip", split)
+    return _zip_records(dataset_dir(BIOINSTRUCTQA.repo) / "data.zip", split)
 
 
 @cache
@@ -127,8 +113,8 @@ def bioinstructqa_docs(corpus: str, fewshot_set: int = 1) -> list[dict[str, Any]
     if corpus not in BIOINSTRUCTQA_CORPORA:
         raise ValueError(f"unknown BioInstructQA corpus {corpus!r}")
     fewshot_set = int(fewshot_set)
-    if fewshot_set not in (1, 2, 3):
-        raise ValueError(f"fewshot_set must be 1, 2 or 3 (got {fewshot_set})")
+    if fewshot_set not in BIOINSTRUCTQA_SHOT_SETS:
+        raise ValueError(f"fewshot_set must be one of {BIOINSTRUCTQA_SHOT_SETS} (got {fewshot_set})")
     letters = BIOINSTRUCTQA_CORPORA[corpus][1]
     docs = []
     for record in bioinstructqa_records("test"):
@@ -167,64 +153,39 @@ def _block(record: dict[str, Any], context: str | None, answer: str) -> dict[str
     }
 
 
-# --- the original corpora, for lm-eval-sampled shots -------------------------------------------------------
-
-# BioInstructQA corpus -> hub dataset of the original corpus. MedQA-5_options and PubMedQA have no
-# script-free original with the paper's test split, so they exist only in the BioInstructQA form.
-ORIGINAL_SOURCES = {
-    **{f"MMLU_{s}": "cais/mmlu" for s in MMLU_SUBJECTS},
-    "MedQA": "GBaker/MedQA-USMLE-4-options",
-    "MedMCQA": "openlifescienceai/medmcqa",
-}
+# --- corpora read from their own datasets (corpora.CORPORA), for lm-eval-sampled shots ------------------------
 
 
-def original_docs(corpus: str) -> dict[str, list[dict[str, Any]]]:
-    """{"test": docs, "fewshot": docs} of an original corpus, each doc one BioMistral question block.
+def corpus_questions(name: str, split: str) -> list[Question]:
+    """The questions of one split of a corpus, read from its published files."""
+    corpus = CORPORA[name]
+    return [corpus.read(r) for r in split_rows(dataset_dir(corpus.dataset.repo), corpus.splits[split])]
 
-    MMLU: cais/mmlu <subject>/test (shots from dev); MedQA: GBaker/MedQA-USMLE-4-options test (shots from
-    train); MedMCQA: openlifescienceai/medmcqa validation (shots from train)."""
+
+def corpus_docs(name: str, split: str = "test") -> dict[str, list[dict[str, Any]]]:
+    """{split: docs, "fewshot": docs} of a corpus, each doc one BioMistral question block; lm-eval samples the
+    shots from "fewshot"."""
     from medmerge_tasks.prompts import render
 
-    repo = ORIGINAL_SOURCES[corpus]
-    root = dataset_dir(repo)
-    if repo == "cais/mmlu":
-        subject = corpus.removeprefix("MMLU_")
-        splits = {
-            "test": _parquet_rows(root, f"{subject}/test-*.parquet"),
-            "fewshot": _parquet_rows(root, f"{subject}/dev-*.parquet"),
-        }
-        records = {k: [(r["question"], r["choices"], int(r["answer"])) for r in rows] for k, rows in splits.items()}
-    elif repo == "openlifescienceai/medmcqa":
-        splits = {
-            "test": _parquet_rows(root, "data/validation-*.parquet"),
-            "fewshot": _parquet_rows(root, "data/train-*.parquet"),
-        }
-        records = {
-            k: [(r["question"], [r["opa"], r["opb"], r["opc"], r["opd"]], int(r["cop"])) for r in rows]
-            for k, rows in splits.items()
-        }
-    else:
-        splits = {"test": _rows_matching(root, "test"), "fewshot": _rows_matching(root, "train")}
-        records = {
-            k: [(r["question"], [r["options"][x] for x in "ABCD"], "ABCD".index(r["answer_idx"])) for r in rows]
-            for k, rows in splits.items()
-        }
+    if name not in CORPORA or split == "fewshot" or split not in CORPORA[name].splits:
+        raise ValueError(f"no split {split!r} of a corpus {name!r} to evaluate on")
     out: dict[str, list[dict[str, Any]]] = {}
-    for split, items in records.items():
-        out[split] = []
-        for question, options, gold in items:
-            block = {"context": None, "question": question, "options": list(zip("ABCD", options)), "answer": ""}
-            out[split].append(
-                {"text": render("_bioinstructqa_block.jinja", target=block), "choices": list("ABCD"), "gold": gold}
+    for role in (split, "fewshot"):
+        out[role] = []
+        for q in corpus_questions(name, role):
+            letters = LETTERS[: len(q.options)]
+            block = {"context": None, "question": q.question, "options": list(zip(letters, q.options)), "answer": ""}
+            out[role].append(
+                {"text": render("_bioinstructqa_block.jinja", target=block), "choices": list(letters), "gold": q.gold}
             )
     return out
 
 
-def _rows_matching(root: Path, split: str) -> list[dict[str, Any]]:
-    """Rows of the .jsonl or .parquet files under `root` whose name contains `split`."""
-    files = sorted(p for p in root.rglob("*") if split in p.name and p.suffix in (".jsonl", ".parquet"))
+def split_rows(root: Path, split: Split) -> list[dict[str, Any]]:
+    """The records of the files matching `split.pattern` under `root` (.parquet or .jsonl), in file order."""
+    files = sorted(root.glob(split.pattern))
     if not files:
-        raise DatasetMissing(f"no {split} file (.jsonl or .parquet) under {root}")
+        raise DatasetMissing(f"no files match {split.pattern} under {root}")
     rows: list[dict[str, Any]] = []
     for f in files:
         if f.suffix == ".jsonl":
@@ -254,7 +215,7 @@ def truthfulqa_health_rows() -> tuple[dict[str, Any], ...]:
 
     The `multiple_choice` config has no category; it is joined with `generation` on the question text.
     Any multiple-choice question without a match raises (a silent drop would change the scores)."""
-    return _joined_truthfulqa(dataset_dir("truthfulqa/truthful_qa"))
+    return _joined_truthfulqa(dataset_dir(TRUTHFULQA.repo))
 
 
 @cache
@@ -297,7 +258,6 @@ def truthfulqa_docs(category: str, prompt: str) -> list[dict[str, Any]]:
 
 # Salt of the per-question option order of the lettered form; changing it changes every prompt (a new version).
 MCQ_ORDER_SALT = "medmerge-truthfulqa-mcq-v1"
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def mcq_order(question: str, n: int) -> list[int]:
@@ -350,18 +310,15 @@ def truthfulqa_mcq_docs(category: str, truthful: bool) -> list[dict[str, Any]]:
 
 
 def medmcqa_docs() -> list[dict[str, Any]]:
+    """MedMCQA's validation split (its labelled test set) in the [INST] prompt, zero-shot."""
     from medmerge_tasks.prompts import render
 
-    rows = _parquet_rows(dataset_dir("openlifescienceai/medmcqa"), "data/validation-*.parquet")
-    docs = []
-    for r in rows:
-        options = [r["opa"], r["opb"], r["opc"], r["opd"]]
-        docs.append(
-            {
-                "id": r["id"],
-                "prompts": [render("medmcqa_inst.jinja", question=r["question"], options=options)],
-                "choices": ["A", "B", "C", "D"],
-                "gold": int(r["cop"]),
-            }
-        )
-    return docs
+    return [
+        {
+            "id": q.id,
+            "prompts": [render("medmcqa_inst.jinja", question=q.question, options=list(q.options))],
+            "choices": ["A", "B", "C", "D"],
+            "gold": q.gold,
+        }
+        for q in corpus_questions("medmcqa", "test")
+    ]

@@ -6,13 +6,11 @@ The math lives in :mod:`merge.methods` (pure functions on tensors); I/O in :mod:
 
 from typing import Any
 
-from merge.errors import RecipeError
-
-__all__ = ["Recipe", "RecipeError", "load_recipe"]
+__all__ = ["Recipe", "load_recipe"]
 
 
 def __getattr__(name: str) -> Any:
-    # Recipe and load_recipe import torch: only on first use, so `import merge.errors` (the CLI) stays instant
+    # Recipe and load_recipe import torch: only on first use, so importing `merge` (the CLI) stays instant
     if name in ("Recipe", "load_recipe"):
         from merge import recipe
 

@@ -13,10 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from merge.errors import Problem, RecipeError
-from merge.io.checkpoint import Checkpoint
-from merge.io.writer import OutputTensor
-from merge.methods import REQUIRED, Method
+from medmerge_common.errors import Problem, UserError
+from merge.io.checkpoint import Checkpoint, OutputTensor, TensorInfo
+from merge.methods import REQUIRED
 from merge.params import layer_position, resolve
 from merge.recipe import Parameters, Recipe
 
@@ -99,33 +98,22 @@ def num_layers(config: dict[str, Any]) -> int | None:
 
 
 def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
-    """Plan every output tensor; raise RecipeError with all problems (file/line/field where possible)."""
+    """Plan every output tensor; raise UserError with all problems (file/line/field where possible)."""
     problems: list[Problem] = []
-    method = recipe.method
     reference = recipe.base_model or recipe.model_refs()[0]
     _check_architectures(recipe, models, reference, problems)
     slices = _slices(recipe, models, problems)
     if problems:
-        raise RecipeError(problems=problems)
+        raise UserError(problems=problems)
 
-    ref_tensors = models[slices[0].sources[0].model].tensors
-    layer_suffixes: dict[int, list[str]] = {}
-    outer: list[str] = []
-    for name in ref_tensors:
-        m = LAYER.match(name)
-        if m:
-            layer_suffixes.setdefault(int(m.group(2)), []).append(name)
-        else:
-            outer.append(name)
+    outer = [name for name in models[slices[0].sources[0].model].tensors if not LAYER.match(name)]
     pre = sorted(n for n in outer if _is_embedding(n))
     post = sorted(n for n in outer if not _is_embedding(n))
 
     tensor_problems = TensorProblems()
     jobs: list[TensorJob] = []
     for name in pre:
-        jobs += _job(
-            recipe, method, models, slices[0], name, {s.model: name for s in slices[0].sources}, 0.0, tensor_problems
-        )
+        jobs += _job(recipe, models, slices[0], name, {s.model: name for s in slices[0].sources}, 0.0, tensor_problems)
     out_layer = 0
     for sl in slices:
         length = sl.sources[0].end - sl.sources[0].start
@@ -137,14 +125,14 @@ def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
                 assert m
                 out_name = f"{m.group(1)}{out_layer}{m.group(3)}"
                 inputs = {s.model: f"{m.group(1)}{s.start + offset}{m.group(3)}" for s in sl.sources}
-                jobs += _job(recipe, method, models, sl, out_name, inputs, t, tensor_problems)
+                jobs += _job(recipe, models, sl, out_name, inputs, t, tensor_problems)
             out_layer += 1
     for name in post:
         jobs += _job(
-            recipe, method, models, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0, tensor_problems
+            recipe, models, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0, tensor_problems
         )
     if tensor_problems:
-        raise RecipeError(problems=tensor_problems.problems())
+        raise UserError(problems=tensor_problems.problems())
 
     config = _output_config(recipe, models[reference].config, slices, models, out_layer)
     return MergePlan(recipe, reference, jobs, config, out_layer, list(models))
@@ -241,7 +229,6 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
 
 def _job(
     recipe: Recipe,
-    method: Method,
     models: dict[str, Checkpoint],
     sl: _Slice,
     out_name: str,
@@ -249,7 +236,32 @@ def _job(
     t: float,
     problems: TensorProblems,
 ) -> list[TensorJob]:
-    """One output tensor's job (or none, with problems recorded)."""
+    """One output tensor's job (or none, with problems recorded): find the inputs, resolve the parameters."""
+    found = _input_tensors(recipe, models, sl, out_name, inputs, problems)
+    if found is None:
+        return []
+    first = found[0]
+    if not first.dtype.is_floating_point:  # integer buffers are copied from the first source, never merged
+        source = Source(sl.sources[0].model, inputs[sl.sources[0].model], {})
+        return [TensorJob(OutputTensor(out_name, first.dtype, first.shape), (source,), None, {}, t, copy_only=True)]
+    params = _shared_params(recipe, sl, out_name, t, problems)
+    sources = _per_model_params(recipe, sl, inputs, t, problems)
+    if params is None or sources is None or not _normalizable(recipe, params, sources, out_name, problems):
+        return []
+    base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
+    dtype = recipe.output_dtype or first.dtype
+    return [TensorJob(OutputTensor(out_name, dtype, first.shape), tuple(sources), base_index, params, t)]
+
+
+def _input_tensors(
+    recipe: Recipe,
+    models: dict[str, Checkpoint],
+    sl: _Slice,
+    out_name: str,
+    inputs: dict[str, str],
+    problems: TensorProblems,
+) -> list[TensorInfo] | None:
+    """Each source's input tensor, all of one shape; None (problem recorded) when one is missing or differs."""
     found = []
     for s in sl.sources:
         info = models[s.model].tensors.get(inputs[s.model])
@@ -258,29 +270,24 @@ def _job(
                 f"missing in {s.model}",
                 Problem(f"model '{s.model}' has no tensor '{inputs[s.model]}'", **recipe.where(*s.path)),
             )
-            return []
+            return None
         found.append(info)
-    shapes = {info.shape for info in found}
-    if len(shapes) > 1:
+    if len({info.shape for info in found}) > 1:
         detail = ", ".join(f"'{s.model}' {list(info.shape)}" for s, info in zip(sl.sources, found))
         problems.add("shapes", Problem(f"tensor '{out_name}' has different shapes: {detail}", recipe.source_file))
-        return []
-    first = found[0]
-    base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
-    if not first.dtype.is_floating_point:
-        output = OutputTensor(out_name, first.dtype, first.shape)
-        return [
-            TensorJob(
-                output, tuple(Source(s.model, inputs[s.model], {}) for s in sl.sources[:1]), None, {}, t, copy_only=True
-            )
-        ]
+        return None
+    return found
 
-    shared_scopes = (sl.params, recipe.parameters)
+
+def _shared_params(
+    recipe: Recipe, sl: _Slice, out_name: str, t: float, problems: TensorProblems
+) -> dict[str, Any] | None:
+    """The method's shared parameters for one tensor (slice, then recipe scope); None when one has no value."""
     params: dict[str, Any] = {}
-    for spec in method.params:
+    for spec in recipe.method.params:
         if spec.per_model:
             continue
-        value = resolve(spec.name, spec.type, shared_scopes, out_name, t)
+        value = resolve(spec.name, spec.type, (sl.params, recipe.parameters), out_name, t)
         params[spec.name] = spec.default if value is None else value
         if params[spec.name] is REQUIRED:
             problems.add(
@@ -291,11 +298,18 @@ def _job(
                     recipe.source_file,
                 ),
             )
-            return []
+            return None
+    return params
+
+
+def _per_model_params(
+    recipe: Recipe, sl: _Slice, inputs: dict[str, str], t: float, problems: TensorProblems
+) -> list[Source] | None:
+    """Each source with its own parameters (model, slice, then recipe scope); None when one has no value."""
     sources = []
     for s in sl.sources:
         own: dict[str, Any] = {}
-        for spec in method.params:
+        for spec in recipe.method.params:
             if not spec.per_model or (s.model == sl.base and not spec.base_too):
                 continue
             value = resolve(spec.name, spec.type, (s.params, sl.params, recipe.parameters), inputs[s.model], t)
@@ -309,22 +323,29 @@ def _job(
                         **recipe.where(*s.path[:-1]),
                     ),
                 )
-                return []
+                return None
         sources.append(Source(s.model, inputs[s.model], own))
-    if params.get("normalize") and method.param("weight"):
-        weights = [src.params["weight"] for src in sources if "weight" in src.params]
-        if weights and sum(weights) == 0:
-            problems.add(
-                "weights sum to zero",
-                Problem(
-                    f"the weights of tensor '{out_name}' sum to zero, so normalize would divide "
-                    "by zero (set normalize: false or change the weights)",
-                    **recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file},
-                ),
-            )
-            return []
-    dtype = recipe.output_dtype or first.dtype
-    return [TensorJob(OutputTensor(out_name, dtype, first.shape), tuple(sources), base_index, params, t)]
+    return sources
+
+
+def _normalizable(
+    recipe: Recipe, params: dict[str, Any], sources: list[Source], out_name: str, problems: TensorProblems
+) -> bool:
+    """normalize divides by the sum of the weights: a tensor whose weights sum to zero cannot be merged."""
+    if not params.get("normalize") or not recipe.method.param("weight"):
+        return True
+    weights = [src.params["weight"] for src in sources if "weight" in src.params]
+    if weights and sum(weights) == 0:
+        problems.add(
+            "weights sum to zero",
+            Problem(
+                f"the weights of tensor '{out_name}' sum to zero, so normalize would divide "
+                "by zero (set normalize: false or change the weights)",
+                **recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file},
+            ),
+        )
+        return False
+    return True
 
 
 def _output_config(

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge.errors import Problem, RecipeError, did_you_mean
+from medmerge_common.errors import Problem, UserError, did_you_mean
 from merge.methods import METHODS, REQUIRED, Method
 from merge.params import check_setting, convert
-from merge.yamlfile import Path_, field_name, line_of, load_yaml, validate_model
+from merge.yamlfile import Path_, field_name, line_of, parse_yaml, read_text, validate_model
 
 DTYPES = {
     "float32": torch.float32,
@@ -74,6 +74,7 @@ class Recipe(_Strict):
 
     # where it came from, for error messages (not part of the YAML)
     source_file: Path | None = Field(default=None, exclude=True)
+    source_text: str = Field(default="", exclude=True, repr=False)  # the file as read: copied into the output
     lines: dict[Path_, int] = Field(default_factory=dict, exclude=True, repr=False)
     warnings: list[Problem] = Field(default_factory=list, exclude=True, repr=False)  # legal but suspicious values
 
@@ -104,16 +105,18 @@ class Recipe(_Strict):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe file (schema, method, parameters, dtypes). Raises RecipeError listing every
+    """Read and check a recipe file (schema, method, parameters, dtypes). Raises UserError listing every
     problem found, each with file, line and field. Reads no model."""
-    data, lines = load_yaml(path)
+    text = read_text(path)
+    data, lines = parse_yaml(text, path)
     recipe = validate_model(Recipe, data, path, lines)
     assert isinstance(recipe, Recipe)
     recipe.source_file = Path(path)
+    recipe.source_text = text
     recipe.lines = lines
     problems, recipe.warnings = check_recipe(recipe)
     if problems:
-        raise RecipeError(problems=problems)
+        raise UserError(problems=problems)
     return recipe
 
 

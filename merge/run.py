@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medmerge_common.errors import UserError
+from medmerge_common.outdir import Say, atomic_output_dir, check_output_dir
 from merge.card import write_metadata
-from merge.errors import RecipeError
 from merge.io.checkpoint import Checkpoint
 from merge.io.hub import local_dir, open_model
-from merge.io.outdir import Say, atomic_output_dir, check_output_dir
 from merge.io.writer import ShardedWriter
 from merge.methods import MergeCall
 from merge.methods.common import BLOCK
@@ -58,19 +58,19 @@ def keep_masks(job: TensorJob, plan: MergePlan, seed: int) -> list[torch.Tensor 
 
 
 def check_device(device: str) -> torch.device:
-    """The torch device for `--device`, or a RecipeError saying why it cannot merge there."""
+    """The torch device for `--device`, or a UserError saying why it cannot merge there."""
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
-        raise RecipeError(f"--device {device}: not a device name (use cpu, cuda or cuda:N)") from None
+        raise UserError(f"--device {device}: not a device name (use cpu, cuda or cuda:N)") from None
     if target.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise RecipeError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+            raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
         if target.index is not None and target.index >= count:
-            raise RecipeError(f"--device {device}: there are {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+            raise UserError(f"--device {device}: there are {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
     elif target.type != "cpu":
-        raise RecipeError(f"--device {device}: medmerge merges on cpu or cuda")
+        raise UserError(f"--device {device}: medmerge merges on cpu or cuda")
     return target
 
 
@@ -95,7 +95,7 @@ def merge_tensor(job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, ma
 
 
 def run_merge(
-    recipe_path: str | Path,
+    recipe: str | Path | Recipe,
     out_dir: str | Path,
     *,
     device: str = "cpu",
@@ -107,13 +107,15 @@ def run_merge(
     progress: Progress | None = None,
     warn: Say | None = None,
 ) -> MergeResult:
-    """Merge the models of a recipe into `out_dir` (atomically), or only validate and plan (`dry_run`).
+    """Merge the models of a recipe (its file, or the recipe loaded from it) into `out_dir` (atomically), or only
+    validate and plan (`dry_run`).
 
     Input tensors holding NaN/Inf stop the merge, naming model and tensor (with `allow_nonfinite`: a warning,
     and the merge carries on); a merged tensor that turns non-finite from finite inputs always stops it."""
     start = time.perf_counter()
     warn = warn or (lambda _: None)
-    recipe = load_recipe(recipe_path)
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
     for warning in recipe.warnings:
         warn(str(warning))
     out = Path(out_dir)
@@ -137,7 +139,7 @@ def run_merge(
             if count:
                 where = f"model '{source.model}' tensor '{source.tensor}' holds {count} NaN/Inf value(s)"
                 if not allow_nonfinite:
-                    raise RecipeError(f"{where}; nothing was merged (--allow-nonfinite merges it anyway)")
+                    raise UserError(f"{where}; nothing was merged (--allow-nonfinite merges it anyway)")
                 warn(f"{where}; merged anyway (--allow-nonfinite)")
         return not any(nonfinite)
 
@@ -147,10 +149,9 @@ def run_merge(
             try:
                 _merge_all(plan, load, check_inputs, writer, progress)
                 writer.close()
-                recipe_text = Path(recipe_path).read_text(encoding="utf-8")
-                write_metadata(plan, {ref: m.directory for ref, m in models.items()}, staging, recipe_text, seed)
+                write_metadata(plan, {ref: m.directory for ref, m in models.items()}, staging, recipe.source_text, seed)
             except OSError as exc:  # a full disk, a read-only file system, a name too long
-                raise RecipeError(f"cannot write the output into {out}: {exc.strerror or exc}") from None
+                raise UserError(f"cannot write the output into {out}: {exc.strerror or exc}") from None
             finally:
                 writer.abort()
     finally:
@@ -173,7 +174,7 @@ def _merge_all(
     def write(name: str, merged: torch.Tensor, inputs_finite: bool) -> None:
         bad = count_nonfinite(merged) if inputs_finite else 0
         if bad:
-            raise RecipeError(
+            raise UserError(
                 f"merging tensor '{name}' gives {bad} NaN/Inf value(s) from finite inputs (do the recipe's "
                 "weights or lambda overflow the merge dtype?); nothing was written"
             )

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from merge.errors import Problem, RecipeError, did_you_mean
+from medmerge_common.errors import Problem, UserError, did_you_mean
 
 Path_ = tuple[str | int, ...]
 
@@ -23,27 +23,36 @@ MAX_DEPTH = 64
 
 
 def load_yaml(path: str | Path) -> tuple[Any, dict[Path_, int]]:
-    """Parse a YAML file; return (data, lines) where lines maps a key path such as ("models", 1, "model")
-    to its 1-based line. Syntax errors, duplicate keys, tags other than plain data, alias cycles, and alias
-    expansions beyond MAX_NODES become a RecipeError naming the line."""
-    path = Path(path)
+    """Read and parse a YAML file: see :func:`parse_yaml`."""
+    return parse_yaml(read_text(path), path)
+
+
+def read_text(path: str | Path) -> str:
+    """A file's text; a missing or unreadable file is a UserError naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError("file not found", file=path) from None
+        raise UserError("file not found", file=path) from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
-        raise RecipeError(f"cannot read: {exc}", file=path) from None
+        raise UserError(f"cannot read: {exc}", file=path) from None
+
+
+def parse_yaml(text: str, path: str | Path) -> tuple[Any, dict[Path_, int]]:
+    """Parse the YAML text of file `path`; return (data, lines) where lines maps a key path such as
+    ("models", 1, "model") to its 1-based line. Syntax errors, duplicate keys, tags other than plain data, alias
+    cycles, and alias expansions beyond MAX_NODES become a UserError naming the line."""
+    path = Path(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"invalid YAML: {reason}", file=path, line=line) from None
+        raise UserError(f"invalid YAML: {reason}", file=path, line=line) from None
     except RecursionError:
-        raise RecipeError(f"invalid YAML: nested deeper than {MAX_DEPTH} levels", file=path) from None
+        raise UserError(f"invalid YAML: nested deeper than {MAX_DEPTH} levels", file=path) from None
     if node is None:
-        raise RecipeError("the file is empty", file=path)
+        raise UserError("the file is empty", file=path)
     _check_nodes(node, path)
     lines: dict[Path_, int] = {(): node.start_mark.line + 1}
     _record_lines(node, (), lines)
@@ -51,7 +60,7 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[Path_, int]]:
         data = yaml.SafeLoader("").construct_document(node)
     except yaml.YAMLError as exc:  # e.g. a merge key (<<) whose value is not a mapping
         mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(
+        raise UserError(
             f"invalid YAML: {getattr(exc, 'problem', exc)}", file=path, line=mark.line + 1 if mark else None
         ) from None
     return data, lines
@@ -66,7 +75,7 @@ def _check_nodes(root: yaml.Node, file: Path) -> None:
     open_nodes: set[int] = set()
 
     def fail(message: str, node: yaml.Node) -> None:
-        raise RecipeError(message, file=file, line=node.start_mark.line + 1)
+        raise UserError(message, file=file, line=node.start_mark.line + 1)
 
     def size(node: yaml.Node, depth: int) -> int:
         if id(node) in sizes:
@@ -131,7 +140,7 @@ def field_name(path: Path_) -> str:
 def validate_model(model: type[BaseModel], data: Any, file: str | Path, lines: dict[Path_, int]) -> BaseModel:
     """Validate `data` against a pydantic model; every error becomes a Problem with file, line and field."""
     if not isinstance(data, dict):
-        raise RecipeError("expected a mapping of keys to values at the top level", file=file, line=1)
+        raise UserError("expected a mapping of keys to values at the top level", file=file, line=1)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -147,7 +156,7 @@ def validate_model(model: type[BaseModel], data: Any, file: str | Path, lines: d
             else:
                 message = err["msg"][0].lower() + err["msg"][1:]
             problems.append(Problem(message, file, line_of(lines, loc), field_name(loc)))
-        raise RecipeError(problems=problems) from None
+        raise UserError(problems=problems) from None
 
 
 def _data_path(data: Any, loc: tuple[str | int, ...]) -> Path_:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from medmerge.demo import PARENTS, demo_recipes, run_demo
@@ -9,7 +11,9 @@ from medmerge.demo import PARENTS, demo_recipes, run_demo
 
 @pytest.mark.slow
 def test_demo_builds_merges_evaluates_and_reports(tmp_path) -> None:
+    environment = dict(os.environ)
     report = run_demo(tmp_path, progress=False)
+    assert dict(os.environ) == environment  # the data mirror is set for the demo's own steps only
     text = report.read_text()
     for name in ["base", *PARENTS, *demo_recipes(tmp_path)]:
         assert f"| {name} | " in text

@@ -115,7 +115,7 @@ def test_bad_experiment_file_is_one_line_with_its_line(tmp_path: Path) -> None:
 
 def test_two_arms_with_one_name_are_refused(tiny, tmp_path: Path) -> None:
     from medmerge.experiment import load_experiment
-    from merge.errors import RecipeError
+    from medmerge_common.errors import UserError
 
     recipe = "merge_method: linear\nmodels:\n  - model: {m}\n    parameters: {{weight: 1}}\n"
     for folder in ("a", "b"):
@@ -123,7 +123,7 @@ def test_two_arms_with_one_name_are_refused(tiny, tmp_path: Path) -> None:
         (tmp_path / folder / "ties.yaml").write_text(recipe.format(m=tiny["ft1"]))
     path = tmp_path / "experiment.yaml"
     path.write_text("work_dir: w\ntasks: [medmerge_mmlu_anatomy]\nrecipes:\n  - a/ties.yaml\n  - b/ties.yaml\n")
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         load_experiment(path)
     assert str(caught.value) == (
         f"{path}:5: recipes[1]: 'ties' names two arms (recipes[0] and recipes[1]): their merges and results would "
@@ -131,7 +131,7 @@ def test_two_arms_with_one_name_are_refused(tiny, tmp_path: Path) -> None:
     )
     shutil.copytree(tiny["ft1"], tmp_path / "models" / "ties")
     path.write_text("work_dir: w\ntasks: [t]\nrecipes: [a/ties.yaml]\nmodels: [models/ties]\n")
-    with pytest.raises(RecipeError, match="'ties' names two arms \\(recipes\\[0\\] and models\\[0\\]\\)"):
+    with pytest.raises(UserError, match="'ties' names two arms \\(recipes\\[0\\] and models\\[0\\]\\)"):
         load_experiment(path)
 
 
@@ -149,3 +149,45 @@ def test_shipped_experiments_validate(path: Path) -> None:
 
 def test_both_seed_studies_ship() -> None:
     assert [p.name for p in EXPERIMENTS] == ["biomistral-bioinstructqa-3shot.yaml", "biomistral-truthfulqa-health.yaml"]
+
+
+def test_model_args_reach_lm_eval_as_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A value holding a comma or '=' (a peft path, a revision list) would be split by a joined string."""
+    import lm_eval
+
+    seen: dict = {}
+
+    def fake_simple_evaluate(**kwargs):
+        seen.update(kwargs)
+        raise StopIteration  # enough: the arguments are what this test is about
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    settings = experiment_module.LmEvalSettings(model_args={"peft": "a,b=c", "trust_remote_code": True})
+    with pytest.raises(StopIteration):
+        experiment_module.evaluate("org/model", ["medmerge_pubmedqa"], 1, settings, tmp_path / "out")
+    assert seen["model_args"] == {
+        "pretrained": "org/model",
+        "dtype": "bfloat16",
+        "peft": "a,b=c",
+        "trust_remote_code": True,
+    }
+
+
+def test_data_dir_is_set_for_the_evaluations_only(experiment, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    path, _, calls = experiment
+    monkeypatch.delenv("MEDMERGE_DATA_DIR", raising=False)
+    seen = []
+    recorded = experiment_module.evaluate
+
+    def evaluate(*args):
+        seen.append(os.environ.get("MEDMERGE_DATA_DIR"))
+        recorded(*args)
+
+    monkeypatch.setattr(experiment_module, "evaluate", evaluate)
+    spec = yaml.safe_load(path.read_text()) | {"data_dir": "mirror"}
+    path.write_text(yaml.safe_dump(spec))
+    run_experiment(path, say=lambda _: None)
+    assert seen == [str(path.parent / "mirror")] * 4 and len(calls) == 4
+    assert "MEDMERGE_DATA_DIR" not in os.environ

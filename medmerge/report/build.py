@@ -17,8 +17,8 @@ from medmerge.report.plots import make_figures
 from medmerge.report.render import Report, markdown, write_csv, write_html
 from medmerge.report.results import read_runs
 from medmerge.report.table import build_leaderboard
-from merge.errors import RecipeError
-from merge.io.outdir import atomic_output_dir
+from medmerge_common.errors import UserError
+from medmerge_common.outdir import atomic_output_dir
 
 MARKER = ".medmerge-report"  # lists the files a report wrote: a later report may replace those, and nothing else
 MARKER_HEADER = "# written by medmerge report; a later report may replace this directory while it holds only:\n"
@@ -42,11 +42,11 @@ def build_report(
     for warning in warnings:
         say(f"warning: {warning}")
     if not runs:
-        raise RecipeError(f"no lm-eval results files (results_*.json) found in {', '.join(map(str, inputs))}")
+        raise UserError(f"no lm-eval results files (results_*.json) found in {', '.join(map(str, inputs))}")
     try:
         board = build_leaderboard(runs, warnings, rank_by=rank_by, std=std)
     except ValueError as exc:
-        raise RecipeError(str(exc)) from None
+        raise UserError(str(exc)) from None
     say(f"{len(runs)} runs, {len(board.rows)} models, {len(board.columns)} columns")
     comparisons, notes = compare(board, iterations=bootstrap, seed=seed)
     if comparisons:
@@ -70,11 +70,11 @@ def check_report_dir(out: Path) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not (out / MARKER).is_file():
-        raise RecipeError(f"{out} exists, is not empty and is not a medmerge report: choose another -o directory")
+        raise UserError(f"{out} exists, is not empty and is not a medmerge report: choose another -o directory")
     written = {line for line in (out / MARKER).read_text(encoding="utf-8").splitlines() if not line.startswith("#")}
     foreign = sorted(p.name for p in out.iterdir() if p.name != MARKER and p.name not in written)
     if foreign:
-        raise RecipeError(
+        raise UserError(
             f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which no report wrote, "
             "so it will not be replaced: move that away or choose another -o directory"
         )

@@ -6,12 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend switch, no global figure registry
 
-matplotlib.use("Agg")  # no display: reports are written on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from medmerge.report.results import display_metric  # noqa: E402
-from medmerge.report.table import Column, Leaderboard, Row  # noqa: E402
+from medmerge.report.results import display_metric
+from medmerge.report.table import Column, Leaderboard, Row
 
 # TruthfulQA health forms: (plain group, truthful group, metrics drawn, file stem)
 TRUTHFULQA_FORMS = (
@@ -48,7 +46,8 @@ def task_bars(board: Leaderboard, out: Path) -> Figure | None:
     if not columns or not rows:
         return None
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(columns) + 3), 4.8))
+    fig = MplFigure(figsize=(max(6.0, 0.9 * len(columns) + 3), 4.8))
+    ax = fig.subplots()
     for i, row in enumerate(rows):
         xs = [k + (i - (len(rows) - 1) / 2) * width for k, c in enumerate(columns) if c in row.cells]
         cells = [row.cells[c] for c in columns if c in row.cells]
@@ -71,7 +70,6 @@ def task_bars(board: Leaderboard, out: Path) -> Figure | None:
     ax.set_title("Accuracy per task" + _runs_note(board, columns))
     fig.tight_layout()
     fig.savefig(out / "tasks.png", dpi=110)
-    plt.close(fig)
     return Figure(
         "tasks.png",
         "Accuracy per task",
@@ -142,10 +140,9 @@ def _draw_pairings(
     path: Path,
 ) -> None:
     most = max(len(members) for _, members in panels)
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(max(7.0, 0.45 * most * len(slots) + 3.5), 2.9 * len(panels) + 0.7), squeeze=False
-    )
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = MplFigure(figsize=(max(7.0, 0.45 * most * len(slots) + 3.5), 2.9 * len(panels) + 0.7))
+    axes = fig.subplots(len(panels), 1, squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (panel_title, members) in zip(axes[:, 0], panels, strict=True):
         width = 0.85 / (2 * len(members))
         for i, row in enumerate(members):
@@ -171,7 +168,6 @@ def _draw_pairings(
     fig.suptitle(f"{title}: plain (solid) vs truthful prompt (hatched)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def make_figures(board: Leaderboard, out: Path) -> list[Figure]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 
 # lm-eval names its files results_<date_id>.json and samples_<task>_<date_id>.jsonl (same date_id).
 DATE_ID = re.compile(r"_(\d{4}-\d{2}-\d{2}T[0-9\-.]+)$")
@@ -210,7 +210,7 @@ def find_result_files(inputs: list[str | Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise RecipeError(f"{path}: no such file or directory")
+            raise UserError(f"{path}: no such file or directory")
     return list(dict.fromkeys(files))
 
 

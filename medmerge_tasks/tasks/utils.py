@@ -48,9 +48,9 @@ def load_bioinstructqa(corpus: str, fewshot_set: int = 1, **_: Any) -> DatasetDi
     return DatasetDict({"test": Dataset.from_list(sources.bioinstructqa_docs(corpus, fewshot_set))})
 
 
-def load_original(corpus: str, **_: Any) -> DatasetDict:
-    """The original corpus (test + a `fewshot` split that lm-eval samples the shots from)."""
-    return DatasetDict({k: Dataset.from_list(v) for k, v in sources.original_docs(corpus).items()})
+def load_corpus(corpus: str, split: str = "test", **_: Any) -> DatasetDict:
+    """A corpus of corpora.CORPORA: its `split` (test or validation) + the `fewshot` split lm-eval samples from."""
+    return DatasetDict({k: Dataset.from_list(v) for k, v in sources.corpus_docs(corpus, split).items()})
 
 
 def load_truthfulqa_health(category: str, prompt: str, **_: Any) -> DatasetDict:

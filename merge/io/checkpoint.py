@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -55,6 +55,23 @@ class TensorInfo:
         return tensor_nbytes(self.dtype, self.shape)
 
 
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the merge will write: known from the plan before any weight is read."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
@@ -65,15 +82,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise RecipeError("not a safetensors file (too short)", file=path)
+                raise UserError("not a safetensors file (too short)", file=path)
             (length,) = struct.unpack("<Q", raw)
             if length > MAX_HEADER_BYTES or 8 + length > file_size:
-                raise RecipeError("not a safetensors file (implausible header size)", file=path)
+                raise UserError("not a safetensors file (implausible header size)", file=path)
             header = json.loads(f.read(length))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RecipeError("not a safetensors file (unreadable header)", file=path) from None
+        raise UserError("not a safetensors file (unreadable header)", file=path) from None
     except OSError as exc:
-        raise RecipeError(f"cannot read: {exc.strerror or exc}", file=path) from None
+        raise UserError(f"cannot read: {exc.strerror or exc}", file=path) from None
     return tensors_from_header(header, path, data_start=8 + length, data_size=file_size - 8 - length)
 
 
@@ -85,18 +102,18 @@ def tensors_from_header(
     exactly (no gaps, no overlaps; it ends where the file ends when `data_size` is known). A header that lies
     about where a tensor is would otherwise merge another tensor's bytes."""
     if not isinstance(header, dict):
-        raise RecipeError("not a safetensors file (the header is not a JSON object)", file=file)
+        raise UserError("not a safetensors file (the header is not a JSON object)", file=file)
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise RecipeError("safetensors __metadata__ must map names to strings", file=file)
+        raise UserError("safetensors __metadata__ must map names to strings", file=file)
     out = {}
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
 
-        def bad(why: str, name: str = name) -> RecipeError:
-            return RecipeError(f"tensor '{name}' has an invalid header entry: {why}", file=file)
+        def bad(why: str, name: str = name) -> UserError:
+            return UserError(f"tensor '{name}' has an invalid header entry: {why}", file=file)
 
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise bad("it needs dtype, shape and data_offsets")
@@ -107,7 +124,7 @@ def tensors_from_header(
             raise bad(f"data_offsets {offsets!r} are not two non-negative integers")
         dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise RecipeError(f"tensor '{name}' has dtype {dtype_name}, which medmerge cannot merge", file=file)
+            raise UserError(f"tensor '{name}' has dtype {dtype_name}, which medmerge cannot merge", file=file)
         begin, end = offsets
         if end - begin != tensor_nbytes(dtype, tuple(shape)):
             raise bad(
@@ -121,10 +138,10 @@ def tensors_from_header(
     for begin, end, name in sorted(spans):
         if begin != position:
             why = "overlaps another tensor" if begin < position else f"leaves a gap of {begin - position} bytes"
-            raise RecipeError(f"tensor '{name}' has an invalid header entry: its data {why}", file=file)
+            raise UserError(f"tensor '{name}' has an invalid header entry: its data {why}", file=file)
         position = end
     if data_size is not None and position != data_size:
-        raise RecipeError(
+        raise UserError(
             f"the header describes {position} bytes of tensor data, but the file holds {data_size}", file=file
         )
     return out
@@ -150,13 +167,13 @@ class Checkpoint:
         """Index a local model directory from config.json and the weight files' headers."""
         config_path = directory / "config.json"
         if not config_path.is_file():
-            raise RecipeError(f"model '{ref}' has no config.json in {directory}")
+            raise UserError(f"model '{ref}' has no config.json in {directory}")
         try:
             config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"invalid JSON: {exc}", file=config_path) from None
+            raise UserError(f"invalid JSON: {exc}", file=config_path) from None
         if not isinstance(config, dict):
-            raise RecipeError("config.json must be a JSON object", file=config_path)
+            raise UserError("config.json must be a JSON object", file=config_path)
         return cls(ref, directory, config, index_weights(ref, directory))
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -176,11 +193,11 @@ class Checkpoint:
             f.seek(info.offset)
             complete = f.readinto(buffer.numpy()) == info.nbytes
         except OSError as exc:
-            raise RecipeError(
+            raise UserError(
                 f"cannot read tensor '{name}': {exc.strerror or exc}", file=self.directory / info.file
             ) from None
         if not complete:
-            raise RecipeError(f"tensor '{name}' is truncated", file=self.directory / info.file)
+            raise UserError(f"tensor '{name}' is truncated", file=self.directory / info.file)
         tensor = buffer.view(info.dtype).reshape(info.shape)
         return tensor.to(dtype) if dtype is not None and dtype != info.dtype else tensor
 
@@ -189,7 +206,7 @@ class Checkpoint:
             path = self.directory / file  # type: ignore[operator]
             try:
                 self._bin_state[file] = load_state_dict(path, mmap=True)
-            except RecipeError:
+            except UserError:
                 raise
             except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
                 self._bin_state[file] = load_state_dict(path)
@@ -208,15 +225,15 @@ def load_state_dict(path: Path, *, map_location: str = "cpu", mmap: bool = False
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
-        raise RecipeError(
+        raise UserError(
             "not a plain state dict (it holds pickled Python objects), so it was not loaded; "
             "convert it to safetensors where you trust its origin",
             file=path,
         ) from None
     except (EOFError, zipfile.BadZipFile) as exc:
-        raise RecipeError(f"not a readable PyTorch checkpoint ({type(exc).__name__})", file=path) from None
+        raise UserError(f"not a readable PyTorch checkpoint ({type(exc).__name__})", file=path) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RecipeError("not a state dict of tensors", file=path)
+        raise UserError("not a state dict of tensors", file=path)
     return state
 
 
@@ -235,12 +252,12 @@ def index_weights(ref: str, directory: Path) -> dict[str, TensorInfo]:
         elif (directory / "pytorch_model.bin").is_file():
             files = ["pytorch_model.bin"]
         else:
-            raise RecipeError(f"model '{ref}' has no weights (model.safetensors or pytorch_model.bin) in {directory}")
+            raise UserError(f"model '{ref}' has no weights (model.safetensors or pytorch_model.bin) in {directory}")
     out: dict[str, TensorInfo] = {}
     for file in files:
         path = directory / file
         if not path.is_file():
-            raise RecipeError(f"model '{ref}' is missing weight file {file}", file=directory)
+            raise UserError(f"model '{ref}' is missing weight file {file}", file=directory)
         found = (
             read_safetensors_header(path)
             if file.endswith(".safetensors")
@@ -250,12 +267,12 @@ def index_weights(ref: str, directory: Path) -> dict[str, TensorInfo]:
             }
         )
         for name in found.keys() & out.keys():
-            raise RecipeError(f"tensor '{name}' is stored twice ({out[name].file} and {file})", file=directory)
+            raise UserError(f"tensor '{name}' is stored twice ({out[name].file} and {file})", file=directory)
         out.update(found)
     for name, file in weight_map.items():
         if name not in out or out[name].file != file:
             where = f"is in {out[name].file}" if name in out else "is in no weight file"
-            raise RecipeError(f"the index puts tensor '{name}' in {file}, but it {where}", file=index_path)
+            raise UserError(f"the index puts tensor '{name}' in {file}, but it {where}", file=index_path)
     return out
 
 
@@ -264,12 +281,12 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_path.read_text()).get("weight_map")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise RecipeError("not a weight index (a JSON object with a weight_map)", file=index_path) from None
+        raise UserError("not a weight index (a JSON object with a weight_map)", file=index_path) from None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise RecipeError("weight_map is missing or empty", file=index_path)
+        raise UserError("weight_map is missing or empty", file=index_path)
     for name, file in weight_map.items():
         if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
-            raise RecipeError(
+            raise UserError(
                 f"weight_map names {file!r} for '{name}': not a file name in the model directory", file=index_path
             )
     return weight_map

@@ -10,14 +10,12 @@ Offline (no network, or HF_HUB_OFFLINE=1) a reference that is not cached fails a
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
+from medmerge_common.hub import hub_reachable
 from merge.io.checkpoint import Checkpoint, tensors_from_header
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -64,22 +62,6 @@ def open_model(ref: str, *, weights: bool = True) -> Checkpoint:
     return _open_headers(ref)
 
 
-@functools.cache
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub endpoint, so an offline machine fails in seconds instead of
-    sitting through huggingface_hub's retries. False also when HF_HUB_OFFLINE is set."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def _download(ref: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -114,7 +96,7 @@ def _open_headers(ref: str) -> Checkpoint:
     return Checkpoint(ref, None, config, tensors)
 
 
-def _hub_error(ref: str, exc: Exception) -> RecipeError:
+def _hub_error(ref: str, exc: Exception) -> UserError:
     name = type(exc).__name__
     if "RepositoryNotFound" in name or "RevisionNotFound" in name or "GatedRepo" in name:
         why = "not found on the hub (or gated: run `hf auth login`)"
@@ -125,4 +107,4 @@ def _hub_error(ref: str, exc: Exception) -> RecipeError:
             "not available locally and the hub cannot be reached; download it where there is a network "
             "(`hf download ORG/NAME --local-dir $MEDMERGE_MODEL_DIR/ORG/NAME`) and set MEDMERGE_MODEL_DIR"
         )
-    return RecipeError(f"model '{ref}': {why}")
+    return UserError(f"model '{ref}': {why}")

@@ -8,31 +8,14 @@ and never held back in memory. Shards split when the next tensor would push one 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import torch
 
-from merge.io.checkpoint import DTYPE_NAMES, tensor_nbytes
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.dtype, self.shape)
+from merge.io.checkpoint import DTYPE_NAMES, OutputTensor
 
 
 def plan_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medmerge.cli import main
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 from merge.recipe import load_recipe
 from merge.run import run_merge
 from tests.conftest import load_weights
@@ -265,7 +265,7 @@ def test_an_index_that_misplaces_a_tensor_is_refused(tiny) -> None:
     files = [shared[0], next(f for f in files if f != shared[0])]
     index["weight_map"][name] = files[1]
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(RecipeError, match=f"the index puts tensor '{name}' in {files[1]}, but it is in {files[0]}"):
+    with pytest.raises(UserError, match=f"the index puts tensor '{name}' in {files[1]}, but it is in {files[0]}"):
         index_weights("misplaced", model)
     shutil.rmtree(model)
 
@@ -402,5 +402,5 @@ def test_weights_summing_to_zero_are_said_once(tiny, write_recipe, tmp_path, cap
 
 
 def test_run_merge_raises_recipe_error_for_a_bad_device(tiny, write_recipe, tmp_path) -> None:
-    with pytest.raises(RecipeError, match="not a device name"):
+    with pytest.raises(UserError, match="not a device name"):
         run_merge(write_recipe(linear_recipe(tiny)), tmp_path / "out", device="cuda:x")

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 from merge.recipe import load_recipe
 
 BASE = "org/base"
 
 
 def problems(path: Path) -> list[str]:
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(UserError) as info:
         load_recipe(path)
     return [str(p) for p in info.value.problems]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 from merge.run import run_merge
 from tests.conftest import load_weights
 
@@ -272,7 +272,7 @@ def test_gradient_parameters_reach_each_layer(tiny, write_recipe, tmp_path) -> N
 )
 def test_mismatches_found_from_headers_before_any_output(tiny, write_recipe, tmp_path, make, expected) -> None:
     path = write_recipe(make(tiny))
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(UserError) as info:
         run_merge(path, tmp_path / "out")
     assert expected in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
@@ -283,7 +283,7 @@ def test_layer_range_error_names_its_line(tiny, write_recipe, tmp_path) -> None:
         f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {tiny['base']}\n"
         "        layer_range: [0, 9]\n"
     )
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(UserError) as info:
         run_merge(path, tmp_path / "out")
     assert str(info.value).startswith(f"{path}:5: slices[0].sources[0].layer_range: layer_range [0, 9] is out of")
 
@@ -293,10 +293,10 @@ def test_refuses_non_empty_output_unless_overwrite(tiny, write_recipe, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(RecipeError, match="exists and is not empty"):
+    with pytest.raises(UserError, match="exists and is not empty"):
         run_merge(path, out)
     # --overwrite replaces only what a merge tool wrote: a directory of the user's own stays as it is
-    with pytest.raises(RecipeError, match="was not written by medmerge .* remove it yourself"):
+    with pytest.raises(UserError, match="was not written by medmerge .* remove it yourself"):
         run_merge(path, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     (out / "keep.txt").unlink()

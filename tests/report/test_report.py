@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from medmerge import fixtures
-from medmerge.experiment import LmEvalSettings, evaluate
+from medmerge.experiment import LmEvalSettings, evaluate, scoped_environment
 from medmerge.report import build_report
 from merge.run import run_merge
 
@@ -32,8 +32,7 @@ def outputs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """lm-eval output directories: base twice (shot sets 1 and 2), ft1 and a TIES merge of ft1 + ft2 over base
     once each, `other` on TruthfulQA only. ft2 is never evaluated (a parent the report must call missing)."""
     root = tmp_path_factory.mktemp("lm_eval_outputs")
-    old = os.environ.get("MEDMERGE_DATA_DIR")
-    os.environ["MEDMERGE_DATA_DIR"] = str(fixtures.build_data_mirror(root / "data"))
+    data = fixtures.build_data_mirror(root / "data")
     recipe = root / "ties.yaml"
     recipe.write_text(
         json.dumps(
@@ -51,7 +50,7 @@ def outputs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run_merge(recipe, root / "models" / "merged")
     settings = LmEvalSettings(device="cpu", dtype="float32", limit=6, batch_size=16)
     dirs = {}
-    try:
+    with scoped_environment(MEDMERGE_DATA_DIR=str(data)):
         for name, pretrained, shot_set, tasks in [
             ("base1", tiny["base"], 1, TASKS),
             ("base2", tiny["base"], 2, TASKS),
@@ -61,11 +60,6 @@ def outputs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ]:
             dirs[name] = root / "results" / name
             evaluate(str(pretrained), tasks, shot_set, settings, dirs[name])
-    finally:
-        if old is None:
-            os.environ.pop("MEDMERGE_DATA_DIR", None)
-        else:
-            os.environ["MEDMERGE_DATA_DIR"] = old
     dirs["root"] = root / "results"
     dirs["merged_model"] = root / "models" / "merged"
     return dirs

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from medmerge import fixtures
-from medmerge_tasks import sources
+from medmerge_tasks import catalog, sources
+from medmerge_tasks.corpora import BIOINSTRUCTQA_CORPORA, CORPORA, TRUTHFULQA_HEALTH_CATEGORIES
 from tests.conftest import our_tasks
 
-BIO_TASKS = [f"medmerge_{suffix}" for suffix, _ in sources.BIOINSTRUCTQA_CORPORA.values()]
+BIO_TASKS = [f"medmerge_{suffix}" for suffix, _ in BIOINSTRUCTQA_CORPORA.values()]
 SHARED_TRUTHFULQA = Path(__file__).resolve().parents[3] / "shared" / "data" / "TruthfulQA.csv"
 
 
@@ -71,12 +72,12 @@ def test_shot_sets_and_counts() -> None:
     assert [p.count("**Question:**") for p in one[0]["prompts"]] == [1, 2, 3, 4]
     assert all(one[0]["prompts"][3].startswith(p.rsplit(" \n **Question:** ", 1)[0]) for p in one[0]["prompts"][1:])
     assert one[0]["choices"] == list("ABCDE")
-    with pytest.raises(ValueError, match="fewshot_set must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match=r"fewshot_set must be one of \(1, 2, 3\)"):
         sources.bioinstructqa_docs("MedQA", fewshot_set=4)
 
 
 def test_medmcqa_inst_prompt() -> None:
-    raw = fixtures.medmcqa_rows()[0]
+    raw = CORPORA["medmcqa"].write(fixtures.corpus_questions(CORPORA["medmcqa"], "test")[0], "test")
     (prompt,) = sources.medmcqa_docs()[0]["prompts"]
     doc = sources.medmcqa_docs()[0]
     assert prompt == (
@@ -137,7 +138,7 @@ def test_mcq_option_order_is_fixed_per_question_and_puts_the_true_answer_anywher
     # binomial(4000, 1/4): sd 27; 5 sd either side of 1000
     assert all(abs(c - questions / n) < 140 for c in counts), counts
     # the fixture's 14 health questions: every doc's gold letter shows MC1's true answer
-    for category in sources.TRUTHFULQA_HEALTH_CATEGORIES:
+    for category in TRUTHFULQA_HEALTH_CATEGORIES:
         for doc, row in zip(
             sources.truthfulqa_mcq_docs(category, truthful=False),
             [r for r in sources.truthfulqa_health_rows() if r["category"] == category],
@@ -150,7 +151,7 @@ def test_mcq_option_order_is_fixed_per_question_and_puts_the_true_answer_anywher
 
 
 def test_truthfulqa_join_counts_and_loud_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in sources.TRUTHFULQA_HEALTH_CATEGORIES}
+    counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in TRUTHFULQA_HEALTH_CATEGORIES}
     assert counts == {"Health": 2, "Nutrition": 3, "Psychology": 4, "Science": 5}
     generation, multiple_choice = fixtures.truthfulqa_rows()
     multiple_choice[0] = {**multiple_choice[0], "question": multiple_choice[0]["question"] + " "}
@@ -196,7 +197,7 @@ def test_real_truthfulqa_categories_give_99_health_questions(tmp_path: Path, mon
         "MEDMERGE_DATA_DIR", str(fixtures.build_data_mirror(tmp_path, truthfulqa=(generation, multiple_choice)))
     )
     assert len(rows) == 817
-    counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in sources.TRUTHFULQA_HEALTH_CATEGORIES}
+    counts = {c: len(sources.truthfulqa_docs(c, "truthfulqa_plain")) for c in TRUTHFULQA_HEALTH_CATEGORIES}
     assert counts == {"Health": 55, "Nutrition": 16, "Psychology": 19, "Science": 9}
     lettered = [d for c in counts for d in sources.truthfulqa_mcq_docs(c, truthful=False)]
     assert len(lettered) == 99 and sum(d["gold"] == 0 for d in lettered) == 22  # MC1's true answer is first in the data
@@ -215,10 +216,9 @@ def test_missing_dataset_names_it_and_how_to_mirror(tmp_path: Path, monkeypatch:
 
 def _raw_gold() -> tuple[dict[str, str], dict[str, set[str]], dict[str, str]]:
     letters = {r["question"]: r["correct_answer_letter"] for r in fixtures.bioinstructqa_records()}
-    letters |= {r["question"]: "ABCD"[r["cop"]] for r in fixtures.medmcqa_rows()}
-    for subject in sources.MMLU_SUBJECTS:
-        letters |= {r["question"]: "ABCD"[r["answer"]] for r in fixtures.mmlu_rows(subject, "test", 5)}
-    letters |= {r["question"]: r["answer_idx"] for r in fixtures.medqa_rows("test", 5)}
+    for corpus in CORPORA.values():  # the synthetic questions behind the fixture files, not what the loader read
+        for split in corpus.splits:
+            letters |= {q.question: "ABCD"[q.gold] for q in fixtures.corpus_questions(corpus, split)}
     generation, multiple_choice = fixtures.truthfulqa_rows()
     true, mc1_true = {}, {}
     for row in multiple_choice:
@@ -267,25 +267,27 @@ def make_oracle(good: bool):
     return Oracle()
 
 
-ALL = [
-    "medmerge_bioinstructqa",
-    "medmerge_bioinstructqa_exact",
-    "medmerge_bioinstructqa_original",
-    "medmerge_truthfulqa_health",
-    "medmerge_truthfulqa_health_truthful",
-    "medmerge_truthfulqa_health_mcq",
-    "medmerge_truthfulqa_health_mcq_truthful",
-    "medmerge_medmcqa_inst",
-]
+def every_task() -> tuple[list[str], set[str]]:
+    """(what to run, every name lm-eval must report), enumerated from the catalog: the group of every generated
+    family (medmerge_mmlu_med only regroups BioInstructQA's tasks), the generated tasks no group holds, and the
+    hand-written tasks."""
+    families = catalog.families()
+    run = [f.group for f in families if f.template]
+    grouped = {task for f in families if f.template for task in f.members}
+    names = {Path(name).stem for name in catalog.generated_files()}
+    run += sorted(names - grouped - {f.group for f in families})
+    run += list(catalog.STANDALONE_TASKS)
+    return run, set(run) | grouped
 
 
 @pytest.mark.parametrize("good", [True, False], ids=["oracle", "anti-oracle"])
 def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> None:
     import lm_eval
 
-    results = lm_eval.simple_evaluate(model=make_oracle(good), tasks=ALL, task_manager=our_tasks())["results"]
-    assert set(BIO_TASKS) | {f"{t}_exact" for t in BIO_TASKS} | {"medmerge_medmcqa_inst"} <= set(results)
-    assert len(results) == 10 + 10 + 8 + 8 + 8 + 1 + 7  # leaf tasks + groups
+    run, expected = every_task()
+    results = lm_eval.simple_evaluate(model=make_oracle(good), tasks=run, task_manager=our_tasks())["results"]
+    assert set(results) == expected
+    assert set(BIO_TASKS) | {f"{t}_exact" for t in BIO_TASKS} | {"medmerge_mmlu_anatomy_validation"} <= set(results)
     for name, metrics in results.items():
         for key, value in metrics.items():
             if key.endswith(",none") and "stderr" not in key:
@@ -295,14 +297,63 @@ def test_oracle_scores_one_and_anti_oracle_zero_on_every_task(good: bool) -> Non
                     assert value == (1.0 if good else 0.0), (name, key, value)
 
 
+def test_generated_task_files_are_what_the_declarations_say(tmp_path: Path) -> None:
+    assert catalog.stale() == []  # run `python -m medmerge_tasks.catalog` after changing corpora.py or catalog.py
+    import shutil
+
+    copy = shutil.copytree(catalog.TASK_DIR, tmp_path / "tasks")
+    (copy / "medmerge_pubmedqa.yaml").write_text("task: edited by hand\n")
+    (copy / "medmerge_mmlu_anatomy_validation.yaml").unlink()
+    (copy / "medmerge_retired_corpus.yaml").write_text(catalog.HEADER + "task: medmerge_retired_corpus\n")
+    (copy / "my_task.yaml").write_text("task: my_task\n")
+    assert [line.split(":")[0] for line in catalog.stale(copy)] == [
+        "medmerge_pubmedqa.yaml",
+        "medmerge_mmlu_anatomy_validation.yaml",
+        "medmerge_retired_corpus.yaml",
+        "my_task.yaml",
+    ]
+    assert sorted(catalog.write(copy)) == [
+        "medmerge_mmlu_anatomy_validation.yaml",
+        "medmerge_pubmedqa.yaml",
+        "medmerge_retired_corpus.yaml (removed)",
+    ]
+    assert catalog.stale(copy) == ["my_task.yaml: neither generated nor a known hand-written task (STANDALONE_TASKS)"]
+
+
+def test_every_corpus_split_is_published_inside_what_a_download_fetches_and_reads_back() -> None:
+    """A split file outside the dataset's download patterns would be missing from every mirror and cache;
+    `read` must invert `write` (the fixtures' schema is the loader's)."""
+    from fnmatch import fnmatch
+
+    for corpus in CORPORA.values():
+        assert {"test", "fewshot"} <= set(corpus.splits), corpus.name
+        for split, files in corpus.splits.items():
+            assert fnmatch(files.published_as, files.pattern), (corpus.name, split)
+            assert any(fnmatch(files.published_as, p) for p in corpus.dataset.files), (corpus.name, split)
+            for q in fixtures.corpus_questions(corpus, split):
+                back = corpus.read(corpus.write(q, split))
+                assert (back.question, back.options, back.gold) == (q.question, q.options, q.gold)
+
+
+def test_validation_tasks_read_the_validation_split_and_never_the_test_split() -> None:
+    anatomy = CORPORA["mmlu_anatomy"]
+    task = our_tasks().load(["medmerge_mmlu_anatomy_validation"])["tasks"]["medmerge_mmlu_anatomy_validation"]
+    assert not task.has_test_docs() and task.has_validation_docs()
+    shown = [_question(task.doc_to_text(doc)) for doc in task.validation_docs()]
+    assert shown == [q.question for q in fixtures.corpus_questions(anatomy, "validation")]
+    with pytest.raises(ValueError, match="no split 'fewshot'"):
+        sources.corpus_docs("mmlu_anatomy", "fewshot")
+
+
 def test_original_corpora_get_lm_eval_shots_in_biomistral_format() -> None:
     from medmerge_tasks.prompts import render
 
     task = our_tasks().load(["medmerge_mmlu_anatomy_original"])["tasks"]["medmerge_mmlu_anatomy_original"]
     doc = task.test_docs()[0]
     context = task.fewshot_context(doc, 3)
-    dev = {r["question"]: r for r in fixtures.mmlu_rows("anatomy", "dev", 5)}
-    test = {r["question"]: r for r in fixtures.mmlu_rows("anatomy", "test", 5)}
+    anatomy = CORPORA["mmlu_anatomy"]
+    dev = {q.question: anatomy.write(q, "fewshot") for q in fixtures.corpus_questions(anatomy, "fewshot")}
+    test = {q.question: anatomy.write(q, "test") for q in fixtures.corpus_questions(anatomy, "test")}
     questions = [q.split(" \n ", 1)[0] for q in context.split("**Question:** ")[1:]]
     assert len(questions) == 4 and all(q in dev for q in questions[:3]) and questions[3] in test
 

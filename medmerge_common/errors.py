@@ -23,7 +23,7 @@ class Problem:
         return f"{where}{field}{self.message}"
 
 
-class RecipeError(Exception):
+class UserError(Exception):
     """A user mistake (recipe, experiment file, model reference, output directory...).
 
     Holds one or more :class:`Problem`; ``str()`` gives one line per problem. Anything else that escapes

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from merge.errors import RecipeError
+from medmerge_common.errors import UserError
 
 MODEL_MARKERS = ("medmerge_recipe.yaml", "mergekit_config.yml")  # files only a merge tool's output holds
 Say = Callable[[str], None]
@@ -45,9 +45,9 @@ def check_output_dir(
     `markers`."""
     try:
         if out.exists() and not out.is_dir():
-            raise RecipeError(f"output path {out} exists and is not a directory")
+            raise UserError(f"output path {out} exists and is not a directory")
     except OSError as exc:  # a name over 255 bytes, a directory we may not read
-        raise RecipeError(f"output path {out}: {exc.strerror or exc}") from None
+        raise UserError(f"output path {out}: {exc.strerror or exc}") from None
     target = out.resolve()
     for source in inputs:
         source = source.resolve()
@@ -61,13 +61,13 @@ def check_output_dir(
             else None
         )
         if relation:
-            raise RecipeError(f"output directory {out} {relation} the input {source}: choose another OUT_DIR")
+            raise UserError(f"output directory {out} {relation} the input {source}: choose another OUT_DIR")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise RecipeError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+        raise UserError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
     if not any((out / marker).is_file() for marker in markers):
-        raise RecipeError(
+        raise UserError(
             f"output directory {out} was not written by medmerge (it has no {' or '.join(markers)}), so "
             "--overwrite will not delete it: remove it yourself or choose another OUT_DIR"
         )
@@ -92,7 +92,7 @@ def atomic_output_dir(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     except OSError as exc:
-        raise RecipeError(f"cannot create the output directory {out}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot create the output directory {out}: {exc.strerror or exc}") from None
     try:
         yield staging
         _move_into_place(staging, out)
@@ -161,8 +161,8 @@ def _move_into_place(staging: Path, out: Path) -> None:
         try:
             staging.rename(visible)
         except OSError:
-            raise RecipeError(f"cannot move the finished output into {out}: {exc.strerror or exc}") from None
-        raise RecipeError(
+            raise UserError(f"cannot move the finished output into {out}: {exc.strerror or exc}") from None
+        raise UserError(
             f"cannot move the finished output into {out} ({exc.strerror or exc}); it is complete in {visible}"
         ) from None
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import merge.io.outdir as outdir
+import medmerge_common.outdir as outdir
 from medmerge.cli import main
-from merge.errors import RecipeError
-from merge.io.outdir import atomic_output_dir
+from medmerge_common.errors import UserError
+from medmerge_common.outdir import atomic_output_dir
 from tests.merge.test_cli import run_cli
 
 
@@ -151,7 +151,7 @@ def test_a_failed_final_rename_leaves_the_finished_output_visible(tmp_path, monk
     monkeypatch.setattr(
         Path, "replace", lambda self, target: (_ for _ in ()).throw(OSError(errno.EBUSY, "Device or resource busy"))
     )
-    with pytest.raises(RecipeError) as caught, atomic_output_dir(out, overwrite=False) as staging:
+    with pytest.raises(UserError) as caught, atomic_output_dir(out, overwrite=False) as staging:
         (staging / "model.safetensors").write_text("done")
     [visible] = tmp_path.glob("mnt.medmerge-*")
     assert str(caught.value) == (
