@@ -4,7 +4,8 @@
 
 Builds (once, under --work) a synthetic Mistral-shaped checkpoint — hidden 2048, 16 layers, intermediate
 5632, vocab 32000, bf16 — and two "fine-tunes" (base + small noise), then times linear, slerp (gradient
-t), ties and dare_ties (density 0.5, weight 0.5) with each tool in a fresh process, reporting wall time
+t), ties, dare_ties, breadcrumbs_ties and della (density 0.5, weight 0.5), model_stock and nearswap with each
+tool in a fresh process, reporting wall time
 and peak RSS (from /usr/bin/time). The page cache is warmed before every run so both tools read the
 inputs from memory. Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -134,6 +135,28 @@ def recipes(d: dict[str, Path]) -> dict[str, dict]:
             "dtype": "bfloat16",
             "parameters": {"int8_mask": True},
             "models": [{"model": base}, {"model": ft1, "parameters": half}, {"model": ft2, "parameters": half}],
+        },
+        **{
+            method: {
+                "merge_method": method,
+                "base_model": base,
+                "dtype": "bfloat16",
+                "models": [{"model": base}, {"model": ft1, "parameters": half}, {"model": ft2, "parameters": half}],
+            }
+            for method in ("breadcrumbs_ties", "della")
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "parameters": {"t": 0.001},
+            "models": [{"model": base}, {"model": ft1}],
         },
     }
 

@@ -41,8 +41,9 @@ def warn(line: str) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from medmerge.console import describe_plan, progress_bar
-    from merge.run import run_merge
+    with interrupts_held():
+        from medmerge.console import describe_plan, progress_bar
+        from merge.run import run_merge
 
     with progress_bar(f"merging {Path(args.recipe).name}", enabled=not (args.quiet or args.dry_run)) as progress:
         result = run_merge(
@@ -69,7 +70,8 @@ def _print_report(leaderboard: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medmerge.demo import run_demo
+    with interrupts_held():
+        from medmerge.demo import run_demo
 
     leaderboard = run_demo(Path(args.dir))
     _print_report(leaderboard)
@@ -77,8 +79,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from medmerge.console import progress_bar
-    from medmerge.experiment import run_experiment
+    with interrupts_held():
+        from medmerge.console import progress_bar
+        from medmerge.experiment import run_experiment
 
     def say(line: str) -> None:
         print(line, file=sys.stderr)
@@ -89,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from medmerge.report import build_report
+    with interrupts_held():
+        from medmerge.report import build_report
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of DARE's random masks; each tensor's mask depends only on (seed, tensor name) (default 0)",
+        help="seed of random methods (DARE, DELLA): each tensor's draws depend only on (seed, tensor name) (default 0)",
     )
     merge.add_argument(
         "--overwrite",
@@ -243,6 +247,27 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, _frame: object) -> None:
     raise Terminated(signum)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while heavy C extensions initialise, and deliver them when the block ends.
+
+    torch runs Python code from C++ while it is imported: a KeyboardInterrupt raised in there cannot unwind
+    through C++ and aborts the process ("terminate called after throwing ... KeyboardInterrupt")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, _frame: caught.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise Terminated(caught[0]) if caught[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextmanager

@@ -11,15 +11,6 @@ import yaml
 from merge.io.hub import META_PATTERNS
 from merge.plan import MergePlan
 
-PAPERS = {
-    "linear": "https://arxiv.org/abs/2203.05482",
-    "slerp": "https://en.wikipedia.org/wiki/Slerp",
-    "task_arithmetic": "https://arxiv.org/abs/2212.04089",
-    "ties": "https://arxiv.org/abs/2306.01708",
-    "dare_linear": "https://arxiv.org/abs/2311.03099",
-    "dare_ties": "https://arxiv.org/abs/2311.03099",
-    "passthrough": None,
-}
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
     "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -56,8 +47,7 @@ def model_card(plan: MergePlan, recipe_text: str, seed: int) -> str:
     recipe = plan.recipe
     method = recipe.method
     front = {"base_model": plan.models, "library_name": "transformers", "tags": ["merge", "medmerge"]}
-    paper = PAPERS.get(method.name)
-    method_line = f"[{method.name}]({paper})" if paper else method.name
+    method_line = f"[{method.name}]({method.paper})" if method.paper else method.name
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),

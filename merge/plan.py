@@ -246,7 +246,7 @@ def _job(
         return [TensorJob(OutputTensor(out_name, first.dtype, first.shape), (source,), None, {}, t, copy_only=True)]
     params = _shared_params(recipe, sl, out_name, t, problems)
     sources = _per_model_params(recipe, sl, inputs, t, problems)
-    if params is None or sources is None or not _normalizable(recipe, params, sources, out_name, problems):
+    if params is None or sources is None or not _method_check(recipe, params, sources, out_name, problems):
         return []
     base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
     dtype = recipe.output_dtype or first.dtype
@@ -328,24 +328,16 @@ def _per_model_params(
     return sources
 
 
-def _normalizable(
+def _method_check(
     recipe: Recipe, params: dict[str, Any], sources: list[Source], out_name: str, problems: TensorProblems
 ) -> bool:
-    """normalize divides by the sum of the weights: a tensor whose weights sum to zero cannot be merged."""
-    if not params.get("normalize") or not recipe.method.param("weight"):
-        return True
-    weights = [src.params["weight"] for src in sources if "weight" in src.params]
-    if weights and sum(weights) == 0:
-        problems.add(
-            "weights sum to zero",
-            Problem(
-                f"the weights of tensor '{out_name}' sum to zero, so normalize would divide "
-                "by zero (set normalize: false or change the weights)",
-                **recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file},
-            ),
-        )
-        return False
-    return True
+    """The method's own check of one tensor's resolved parameters (weights that normalize cannot divide by...)."""
+    check = recipe.method.check
+    message = check(params, [s.params for s in sources]) if check else None
+    if message:
+        where = recipe.where("parameters") if recipe.parameters else {"file": recipe.source_file}
+        problems.add(message, Problem(f"tensor '{out_name}': {message}", **where))
+    return message is None
 
 
 def _output_config(

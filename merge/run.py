@@ -20,12 +20,11 @@ from merge.io.hub import local_dir, open_model
 from merge.io.writer import ShardedWriter
 from merge.methods import MergeCall
 from merge.methods.common import BLOCK
-from merge.methods.task_arithmetic import bernoulli_masks
 from merge.plan import MergePlan, TensorJob, build_plan
 from merge.recipe import Recipe, load_recipe
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
-Loaded = tuple[list[torch.Tensor], list | None, list[int]]  # inputs, DARE masks, non-finite count per input
+Loaded = tuple[list[torch.Tensor], np.random.Generator | None, list[int]]  # inputs, generator, non-finite counts
 
 
 @dataclass
@@ -36,7 +35,7 @@ class MergeResult:
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
-    """A 63-bit generator seed from (seed, tensor name): masks do not depend on tensor order or sharding."""
+    """A 63-bit generator seed from (seed, tensor name): random draws do not depend on tensor order or sharding."""
     digest = hashlib.sha256(f"{seed}\0{tensor_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -47,14 +46,12 @@ def plan_merge(recipe: Recipe, *, weights: bool) -> tuple[MergePlan, dict[str, C
     return build_plan(recipe, models), models
 
 
-def keep_masks(job: TensorJob, plan: MergePlan, seed: int) -> list[torch.Tensor | None] | None:
-    """DARE's masks for one tensor (None for deterministic methods), from a PCG64 stream seeded by
-    (seed, tensor name): independent of tensor order, sharding, threads and device."""
+def method_rng(job: TensorJob, plan: MergePlan, seed: int) -> np.random.Generator | None:
+    """A random method's generator for one tensor (None for deterministic methods): a PCG64 stream seeded by
+    (seed, tensor name), so draws do not depend on tensor order, sharding, threads or device."""
     if not plan.recipe.method.random or job.copy_only:
         return None
-    rng = np.random.Generator(np.random.PCG64(tensor_seed(seed, job.output.name)))
-    densities = [s.params["density"] for i, s in enumerate(job.sources) if i != job.base_index]
-    return bernoulli_masks(rng, job.output.numel, densities)
+    return np.random.Generator(np.random.PCG64(tensor_seed(seed, job.output.name)))
 
 
 def check_device(device: str) -> torch.device:
@@ -86,11 +83,13 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return sum(int((~torch.isfinite(flat[i : i + BLOCK])).sum()) for i in range(0, flat.numel(), BLOCK))
 
 
-def merge_tensor(job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, masks: list | None) -> torch.Tensor:
+def merge_tensor(
+    job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, rng: np.random.Generator | None
+) -> torch.Tensor:
     """Apply the recipe's method to one job's input tensors (already in the merge dtype, on the device)."""
     if job.copy_only:
         return inputs[0]
-    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], masks)
+    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], rng)
     return plan.recipe.method.apply(call).to(job.output.dtype)
 
 
@@ -131,7 +130,7 @@ def run_merge(
         tensors = [models[s.model].read(s.tensor) for s in job.sources]
         nonfinite = [count_nonfinite(x) for x in tensors]  # in the stored dtype: a cast must not hide or add any
         tensors = [x if job.copy_only else x.to(merge_dtype or x.dtype) for x in tensors]
-        return [x.to(target) for x in tensors], keep_masks(job, plan, seed), nonfinite
+        return [x.to(target) for x in tensors], method_rng(job, plan, seed), nonfinite
 
     def check_inputs(job: TensorJob, nonfinite: list[int]) -> bool:
         """Whether the job's inputs are all finite; raises for the first that is not, unless allowed."""
@@ -167,9 +166,9 @@ def _merge_all(
     writer: ShardedWriter,
     progress: Progress | None,
 ) -> None:
-    """Every job in plan order. The next job's inputs are read and checked for NaN/Inf (and its DARE masks
-    drawn), and the previous result checked and written, while this one is merged (file I/O, numpy's
-    generator and torch ops release the GIL); one tensor in flight each way keeps memory flat."""
+    """Every job in plan order. The next job's inputs are read and checked for NaN/Inf, and the previous result
+    checked and written, while this one is merged (file I/O and torch ops release the GIL); one tensor in flight
+    each way keeps memory flat."""
 
     def write(name: str, merged: torch.Tensor, inputs_finite: bool) -> None:
         bad = count_nonfinite(merged) if inputs_finite else 0
@@ -185,10 +184,10 @@ def _merge_all(
         written: Future[None] | None = None
         for index, job in enumerate(plan.jobs):
             assert pending is not None
-            inputs, masks, nonfinite = pending.result()
+            inputs, rng, nonfinite = pending.result()
             finite = check_inputs(job, nonfinite)
             pending = reader.submit(load, plan.jobs[index + 1]) if index + 1 < len(plan.jobs) else None
-            merged = merge_tensor(job, inputs, plan, masks)
+            merged = merge_tensor(job, inputs, plan, rng)
             del inputs
             if written is not None:
                 written.result()

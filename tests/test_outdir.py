@@ -257,3 +257,17 @@ def test_the_cli_subprocess_agrees(tiny, write_recipe, tmp_path) -> None:
     result = run_cli("merge", str(write_recipe(recipe_for(tiny))), str(out), "--overwrite")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_heavy_imports_waits_for_them_then_stops(signum) -> None:
+    """torch's import runs Python from C++, where a KeyboardInterrupt aborts the process: held, then raised."""
+    from medmerge.cli import Terminated, interrupts_held
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt) as info, interrupts_held():
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # Python would run a handler here: it only records the signal
+        finished = True
+    assert finished and isinstance(info.value, Terminated) == (signum == signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back

@@ -1,22 +1,36 @@
-"""The merge methods by name: what parameters each takes and how a resolved tensor job calls its function.
+"""The merge methods by name, each declared once: its parameters (type, default, bounds, scope), its paper,
+whether it needs a base, how many inputs it takes, whether it is random, and what it checks per tensor.
 
-Each method is a pure function in this package (see its docstring for the paper's equation); the entries
-here only say which parameters exist, their defaults and scope, and adapt a :class:`MergeCall` to the
-function's plain arguments.
+The math is a pure function in this package (its docstring gives the paper's equation); a declaration adapts a
+:class:`MergeCall` to that function's plain arguments. The task-vector family is one definition over
+(sparsification x sign consensus x defaults), as the papers build on each other: `TASK_VECTOR_METHODS`.
+Adding a method: a module with its function, and one `Method` in `METHODS` (README: "Adding a merge method").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from merge.methods.linear import linear
+from merge.methods.model_stock import model_stock
+from merge.methods.nearswap import nearswap
 from merge.methods.passthrough import passthrough
 from merge.methods.slerp import slerp
-from merge.methods.task_arithmetic import dare_linear, dare_ties, task_arithmetic, ties
+from merge.methods.task_vectors import (
+    bernoulli_masks,
+    magnitude_prune,
+    merge_task_vectors,
+    outlier_prune,
+    random_prune,
+    rank_random_prune,
+    rescale_l1,
+)
 
 REQUIRED = object()
 
@@ -59,12 +73,15 @@ class MergeCall:
     base_index: int | None
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
-    keep_masks: list[torch.Tensor | None] | None = None  # DARE: one Bernoulli mask per non-base input
+    rng: np.random.Generator | None = None  # random methods only: seeded by (seed, tensor name) by the runner
 
     def base_and_others(self) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
         assert self.base_index is not None
         others = [i for i in range(len(self.tensors)) if i != self.base_index]
         return self.tensors[self.base_index], [self.tensors[i] for i in others], [self.model_params[i] for i in others]
+
+
+Check = Callable[[dict[str, Any], list[dict[str, Any]]], str | None]  # (shared, per-model params) -> problem
 
 
 @dataclass(frozen=True)
@@ -73,13 +90,23 @@ class Method:
     summary: str
     apply: Callable[[MergeCall], torch.Tensor]
     params: tuple[Param, ...] = ()
+    paper: str = ""  # where the method is defined (model card, README)
     needs_base: bool = False
-    min_inputs: int = 1
+    min_inputs: int = 1  # inputs counting the base
     max_inputs: int | None = None
-    random: bool = False
+    random: bool = False  # the runner hands `apply` a generator seeded by (seed, tensor name): MergeCall.rng
+    check: Check | None = None  # a tensor's resolved parameters that cannot be merged: the plan reports it
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+
+def normalizable(shared: dict[str, Any], per_model: list[dict[str, Any]]) -> str | None:
+    """normalize divides by the sum of the weights: weights summing to zero cannot be merged."""
+    weights = [p["weight"] for p in per_model if "weight" in p]
+    if shared.get("normalize") and weights and sum(weights) == 0:
+        return "the weights sum to zero, so normalize would divide by zero (set normalize: false or change them)"
+    return None
 
 
 def _linear(c: MergeCall) -> torch.Tensor:
@@ -91,49 +118,77 @@ def _slerp(c: MergeCall) -> torch.Tensor:
     return slerp(c.params["t"], base, others[0])
 
 
+def _nearswap(c: MergeCall) -> torch.Tensor:
+    base, others, _ = c.base_and_others()
+    return nearswap(c.params["t"], base, others[0])
+
+
+def _model_stock(c: MergeCall) -> torch.Tensor:
+    base, others, _ = c.base_and_others()
+    return model_stock(base, others, filter_wise=c.params["filter_wise"])
+
+
 def _passthrough(c: MergeCall) -> torch.Tensor:
     return passthrough(c.tensors[0], c.model_params[0].get("scale"))
 
 
-def _task_arithmetic(c: MergeCall) -> torch.Tensor:
-    base, others, mp = c.base_and_others()
-    return task_arithmetic(
-        base, others, [p["weight"] for p in mp], normalize=c.params["normalize"], lambda_=c.params["lambda"]
+# --- the task-vector family ----------------------------------------------------------------------------------
+
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"] | None
+
+
+def _task_vectors(sparsification: Sparsification, consensus: bool, c: MergeCall) -> torch.Tensor:
+    """θ_base + λ · combine(w_i · sparsify(τ_i)), see merge/methods/task_vectors.py."""
+    base, others, per_model = c.base_and_others()
+    densities = [p["density"] for p in per_model]
+    keep = bernoulli_masks(c.rng, base.numel(), densities) if sparsification == "random" else None
+    uniform = (
+        [None if d >= 1 else torch.from_numpy(c.rng.random(base.numel(), dtype=np.float32)) for d in densities]
+        if sparsification == "della"
+        else None
     )
 
+    def sparsify(delta: torch.Tensor, i: int) -> torch.Tensor:
+        p = per_model[i]
+        if sparsification == "magnitude":
+            pruned = magnitude_prune(delta, p["density"])
+        elif sparsification == "random":
+            pruned = random_prune(delta, keep[i])
+            if c.params["rescale"] and c.params["rescale_by_density"] and pruned is not delta:
+                return pruned.mul_(1 / p["density"])
+        elif sparsification == "magnitude_outliers":
+            pruned = outlier_prune(delta, p["density"], p["gamma"])
+        else:
+            pruned = delta if uniform[i] is None else rank_random_prune(delta, p["density"], p["epsilon"], uniform[i])
+        return rescale_l1(delta, pruned) if c.params["rescale"] and pruned is not delta else pruned
 
-def _ties(c: MergeCall) -> torch.Tensor:
-    base, others, mp = c.base_and_others()
-    return ties(
+    return merge_task_vectors(
         base,
         others,
-        [p["weight"] for p in mp],
-        [p["density"] for p in mp],
+        [p["weight"] for p in per_model],
+        prune=sparsify if sparsification else None,
+        sign_consensus=consensus,
         normalize=c.params["normalize"],
         lambda_=c.params["lambda"],
     )
 
 
-def _dare(function: Callable[..., torch.Tensor]) -> Callable[[MergeCall], torch.Tensor]:
-    def apply(c: MergeCall) -> torch.Tensor:
-        base, others, mp = c.base_and_others()
-        assert c.keep_masks is not None
-        return function(
-            base,
-            others,
-            [p["weight"] for p in mp],
-            c.keep_masks,
-            rescale=c.params["rescale"],
-            normalize=c.params["normalize"],
-            lambda_=c.params["lambda"],
-            densities=[p["density"] for p in mp] if c.params["rescale_by_density"] else None,
-        )
-
-    return apply
+def _della_epsilon(shared: dict[str, Any], per_model: list[dict[str, Any]]) -> str | None:
+    for p in per_model:
+        if (
+            "epsilon" in p
+            and p["density"] < 1
+            and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1
+        ):
+            return (
+                f"density {p['density']:g} ± epsilon {p['epsilon']:g} must lie inside (0, 1): "
+                "the keep probabilities run from density − epsilon to density + epsilon"
+            )
+    return normalizable(shared, per_model)
 
 
-def _task_vector_params(normalize: bool, rescale: bool, dare: bool = False) -> tuple[Param, ...]:
-    # mergekit accepts the same six parameters for every task-vector method; so do we. DARE adds one of ours.
+def _task_vector_params(sparsification: Sparsification, normalize: bool, rescale: bool) -> tuple[Param, ...]:
+    # mergekit accepts these six for every task-vector method; so do we. Sparsifications add their own.
     shared = (
         Param("weight", float, per_model=True, doc="scale of this model's task vector"),
         Param(
@@ -145,21 +200,100 @@ def _task_vector_params(normalize: bool, rescale: bool, dare: bool = False) -> t
             bounds=Bounds(0, 1, low_open=True),
         ),
         Param("normalize", bool, normalize, doc="divide by the sum of the (agreeing) weights"),
-        Param("rescale", bool, rescale, doc="DARE: rescale kept entries to the task vector's L1 norm"),
+        Param("rescale", bool, rescale, doc="rescale each pruned task vector to its L1 norm before pruning"),
         Param("lambda", float, 1.0, doc="scale of the merged task vector"),
         Param("int8_mask", bool, False, doc="accepted for mergekit recipes; masks are always compact here"),
     )
-    if not dare:
-        return shared
-    rescale_by_density = Param(
-        "rescale_by_density",
-        bool,
-        False,
-        doc="medmerge only: rescale kept entries by 1/density, as the DARE paper and early-2024 mergekit did "
-        "(default false: match the L1 norm, as mergekit 0.1.5 does)",
-    )
-    return (*shared, rescale_by_density)
+    extra = {
+        "random": Param(
+            "rescale_by_density",
+            bool,
+            False,
+            doc="medmerge only: rescale kept entries by 1/density, as the DARE paper and early-2024 mergekit did "
+            "(default false: match the L1 norm, as mergekit 0.1.5 does)",
+        ),
+        "magnitude_outliers": Param(
+            "gamma", float, 0.01, per_model=True, doc="fraction of largest |τ| dropped as outliers", bounds=Bounds(0, 1)
+        ),
+        "della": Param(
+            "epsilon",
+            float,
+            0.15,
+            per_model=True,
+            doc="half-width of the keep probabilities around density, by magnitude rank",
+            bounds=Bounds(0, 1, low_open=True),
+        ),
+    }
+    return (*shared, extra[sparsification]) if sparsification in extra else shared
 
+
+def task_vector_method(
+    name: str,
+    summary: str,
+    paper: str,
+    sparsification: Sparsification,
+    consensus: bool,
+    normalize: bool = False,
+    rescale: bool = False,
+) -> Method:
+    """One member of the task-vector family: a sparsification, with or without TIES's sign consensus, and the
+    defaults of `normalize` and `rescale` its paper (and mergekit) use."""
+    return Method(
+        name,
+        summary,
+        partial(_task_vectors, sparsification, consensus),
+        _task_vector_params(sparsification, normalize, rescale),
+        paper=paper,
+        needs_base=True,
+        random=sparsification in ("random", "della"),
+        check=_della_epsilon if sparsification == "della" else normalizable,
+    )
+
+
+DARE = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
+DELLA = "https://arxiv.org/abs/2406.11617"
+TASK_VECTOR_METHODS = (
+    task_vector_method(
+        "task_arithmetic", "base + weighted sum of task vectors", "https://arxiv.org/abs/2212.04089", None, False
+    ),
+    task_vector_method(
+        "ties",
+        "TIES: magnitude trim, sign election, disjoint mean",
+        "https://arxiv.org/abs/2306.01708",
+        "magnitude",
+        True,
+        normalize=True,
+    ),
+    task_vector_method(
+        "dare_linear", "DARE random drop and rescale, then a weighted sum", DARE, "random", False, rescale=True
+    ),
+    task_vector_method(
+        "dare_ties", "DARE random drop and rescale, then TIES sign election", DARE, "random", True, rescale=True
+    ),
+    task_vector_method(
+        "breadcrumbs",
+        "Model Breadcrumbs: drop the largest and the smallest |τ|, then a weighted sum",
+        BREADCRUMBS,
+        "magnitude_outliers",
+        False,
+    ),
+    task_vector_method(
+        "breadcrumbs_ties", "Model Breadcrumbs, then TIES sign election", BREADCRUMBS, "magnitude_outliers", True
+    ),
+    task_vector_method(
+        "della",
+        "DELLA: magnitude-ranked random drop, rescale, TIES sign election",
+        DELLA,
+        "della",
+        True,
+        normalize=True,
+        rescale=True,
+    ),
+    task_vector_method(
+        "della_linear", "DELLA's drop and rescale, then a weighted sum", DELLA, "della", False, rescale=True
+    ),
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -169,6 +303,8 @@ METHODS: dict[str, Method] = {
             "weighted average of the models",
             _linear,
             (Param("weight", float, per_model=True, base_too=True), Param("normalize", bool, True)),
+            paper="https://arxiv.org/abs/2203.05482",
+            check=normalizable,
         ),
         Method(
             "slerp",
@@ -182,40 +318,31 @@ METHODS: dict[str, Method] = {
                     bounds=Bounds(0, 1, strict=False),  # mergekit extrapolates beyond the models; we warn
                 ),
             ),
+            paper="https://en.wikipedia.org/wiki/Slerp",
             needs_base=True,
             min_inputs=2,
             max_inputs=2,
         ),
         Method(
-            "task_arithmetic",
-            "base + weighted sum of task vectors",
-            _task_arithmetic,
-            _task_vector_params(normalize=False, rescale=False),
+            "nearswap",
+            "take the other model's value where it is within t of the base's",
+            _nearswap,
+            (Param("t", float, doc="distance below which the other model's value is taken", bounds=Bounds(0, 1e30)),),
+            paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
             needs_base=True,
+            min_inputs=2,
+            max_inputs=2,
         ),
         Method(
-            "ties",
-            "TIES: magnitude trim, sign election, disjoint mean",
-            _ties,
-            _task_vector_params(normalize=True, rescale=False),
+            "model_stock",
+            "Model Stock: the fine-tunes' average pulled towards the base by their task vectors' angle",
+            _model_stock,
+            (Param("filter_wise", bool, False, doc="one angle per row instead of per tensor"),),
+            paper="https://arxiv.org/abs/2403.19522",
             needs_base=True,
+            min_inputs=3,
         ),
-        Method(
-            "dare_linear",
-            "DARE random drop and rescale, then a weighted sum",
-            _dare(dare_linear),
-            _task_vector_params(normalize=False, rescale=True, dare=True),
-            needs_base=True,
-            random=True,
-        ),
-        Method(
-            "dare_ties",
-            "DARE random drop and rescale, then TIES sign election",
-            _dare(dare_ties),
-            _task_vector_params(normalize=False, rescale=True, dare=True),
-            needs_base=True,
-            random=True,
-        ),
+        *TASK_VECTOR_METHODS,
         Method(
             "passthrough",
             "copy one model's tensors (layer stacking with slices)",

@@ -36,7 +36,8 @@ def test_bad_recipe_is_one_line_exit_2_no_traceback_no_output(write_recipe, tmp_
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"medmerge: error: {path}:1: merge_method: unknown merge method 'tiess' (did you mean 'ties'?); "
-        "known: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, passthrough"
+        "known: linear, slerp, nearswap, model_stock, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
+        "breadcrumbs_ties, della, della_linear, passthrough"
     ]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 

@@ -27,7 +27,8 @@ ODD_VALUES: list[object] = [
     10**400, 3e38, 1e-38, False,
     "x", "", "0.3", ".nan", None, True, [], {}, [0.1, 0.9], [float("nan"), 1], [{"filter": "mlp", "value": 0.3}],
     [{"filter": 3, "value": 1}], {"value": 0.2}, {"filter": "x"}, [[1, 2]], "org/missing-model", "../..", [0, 2],
-    [3, 1], [-1, 2], [0, 99], "slerp", "ties", "union", "bfloat16", "float16", "int8", "chatml",
+    [3, 1], [-1, 2], [0, 99], "slerp", "ties", "della", "model_stock", "union", "bfloat16", "float16", "int8",
+    "chatml",
 ]  # fmt: skip
 ODD_NUMBERS = [float("nan"), float("inf"), 1e39, 1e30, 1e20, 3e38, 1e-38, 1e-320, -1, 0, 0.1, 0.5, 0.9, 1, 1.5, 2]
 TEXT_EDITS = [
@@ -53,6 +54,12 @@ def seed_recipes(tiny: dict[str, Path]) -> list[dict]:
                                                    {"sources": [{"model": ft2, "layer_range": [1, 4]}]}]},
         {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.3},
          "slices": [{"sources": [{"model": base, "layer_range": [0, 4]}, {"model": ft1, "layer_range": [0, 4]}]}]},
+        {"merge_method": "della", "base_model": base, "models": task_vector, "parameters": {"epsilon": 0.1}},
+        {"merge_method": "breadcrumbs_ties", "base_model": base, "models": task_vector, "parameters": {"gamma": 0.05}},
+        {"merge_method": "model_stock", "base_model": base,
+         "models": [{"model": base}, {"model": ft1}, {"model": ft2}]},
+        {"merge_method": "nearswap", "base_model": base, "models": [{"model": base}, {"model": ft2}],
+         "parameters": {"t": 0.01}},
     ]  # fmt: skip
 
 

@@ -8,22 +8,42 @@ import numpy as np
 import pytest
 import torch
 
+from merge.methods import METHODS, REQUIRED, MergeCall
 from merge.methods.common import BLOCK
 from merge.methods.linear import linear
+from merge.methods.model_stock import model_stock
+from merge.methods.nearswap import nearswap
 from merge.methods.passthrough import passthrough
 from merge.methods.slerp import slerp
-from merge.methods.task_arithmetic import (
+from merge.methods.task_vectors import (
     _exact_sum,
     _magnitude_counts,
     bernoulli_masks,
-    dare_linear,
-    dare_ties,
     magnitude_prune,
     merge_task_vectors,
+    outlier_prune,
     random_prune,
-    task_arithmetic,
-    ties,
+    rank_random_prune,
+    rescale_l1,
 )
+
+
+def merged(
+    method: str,
+    base: torch.Tensor,
+    others: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float] | None = None,
+    seed: int | None = None,
+    **shared: object,
+) -> torch.Tensor:
+    """A task-vector method through its declaration, as the runner calls it (declared defaults, base first)."""
+    spec = METHODS[method]
+    defaults = {p.name: p.default for p in spec.params if not p.per_model}
+    own = {p.name: p.default for p in spec.params if p.per_model and p.default not in (REQUIRED, None)}
+    per_model = [own | {"weight": w, "density": d} for w, d in zip(weights, densities or [1.0] * len(weights))]
+    rng = None if seed is None else np.random.default_rng(seed)
+    return spec.apply(MergeCall([base, *others], 0, defaults | shared, [{}, *per_model], rng))
 
 
 def test_linear_hand_computed() -> None:
@@ -76,9 +96,9 @@ def test_slerp_spans_several_blocks() -> None:
 def test_task_arithmetic_hand_computed() -> None:
     base = torch.tensor([1.0, 1.0])
     a, b = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 3.0])  # deltas [1,-1] and [0,2]
-    assert torch.equal(task_arithmetic(base, [a, b], [0.5, 1.0]), torch.tensor([1.5, 2.5]))
+    assert torch.equal(merged("task_arithmetic", base, [a, b], [0.5, 1.0]), torch.tensor([1.5, 2.5]))
     assert torch.allclose(
-        task_arithmetic(base, [a, b], [0.5, 1.0], normalize=True, lambda_=3.0),
+        merged("task_arithmetic", base, [a, b], [0.5, 1.0], normalize=True, **{"lambda": 3.0}),
         base + 3.0 * torch.tensor([0.5, 1.5]) / 1.5,
     )
 
@@ -87,10 +107,10 @@ def test_ties_hand_computed() -> None:
     base = torch.zeros(4)
     d1 = torch.tensor([3.0, -2.0, 0.5, 1.0])  # density 0.5 keeps 3 and -2
     d2 = torch.tensor([1.0, 4.0, -0.1, -3.0])  # keeps 4 and -3
-    out = ties(base, [d1, d2], [1.0, 1.0], [0.5, 0.5])
+    out = merged("ties", base, [d1, d2], [1.0, 1.0], [0.5, 0.5])
     # trimmed: [3,-2,0,0], [0,4,0,-3]; elected signs: +, + (4-2), 0->+ , -; disjoint means:
     assert torch.equal(out, torch.tensor([3.0, 4.0, 0.0, -3.0]))
-    weighted = ties(base, [d1, d2], [1.0, 0.25], [0.5, 0.5], normalize=False)
+    weighted = merged("ties", base, [d1, d2], [1.0, 0.25], [0.5, 0.5], normalize=False)
     # weighted deltas [3,-2,0,0], [0,1,0,-.75]: signs +, - (1-2<0), +, -
     assert torch.equal(weighted, torch.tensor([3.0, -2.0, 0.0, -0.75]))
 
@@ -98,7 +118,9 @@ def test_ties_hand_computed() -> None:
 def test_ties_one_model_density_one_equals_task_arithmetic() -> None:
     base, x = torch.randn(50, 20), torch.randn(50, 20)
     for w in (1.0, 0.4):
-        assert torch.equal(ties(base, [x], [w], [1.0], normalize=False), task_arithmetic(base, [x], [w]))
+        assert torch.equal(
+            merged("ties", base, [x], [w], [1.0], normalize=False), merged("task_arithmetic", base, [x], [w])
+        )
 
 
 def test_magnitude_prune_keeps_k_largest_ties_by_index() -> None:
@@ -133,12 +155,12 @@ def test_bernoulli_masks_are_seeded_in_model_order() -> None:
 
 def test_random_prune_is_seeded_rescales_l1_and_keeps_about_density() -> None:
     delta = torch.randn(200, 100)
-    a = random_prune(delta, mask(5, delta, 0.3), rescale=True)
-    b = random_prune(delta, mask(5, delta, 0.3), rescale=True)
+    a = rescale_l1(delta, random_prune(delta, mask(5, delta, 0.3)))
+    b = rescale_l1(delta, random_prune(delta, mask(5, delta, 0.3)))
     assert torch.equal(a, b)
     assert (a != 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
     assert a.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
-    raw = random_prune(delta, mask(5, delta, 0.3), rescale=False)
+    raw = random_prune(delta, mask(5, delta, 0.3))
     assert torch.equal(raw != 0, a != 0) and torch.equal(raw[raw != 0], delta[raw != 0])
 
 
@@ -153,18 +175,20 @@ def test_random_prune_rescale_matches_the_exact_l1_ratio() -> None:
     before = math.fsum(delta.double().abs().tolist())
     after = math.fsum(delta[keep].double().abs().tolist())
     expected = ((delta * keep).float() * (before / after)).bfloat16()
-    assert torch.equal(random_prune(delta, keep, rescale=True), expected)
+    assert torch.equal(rescale_l1(delta, random_prune(delta, keep)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_random_prune_by_density_is_the_papers_one_over_p(dtype: torch.dtype) -> None:
+def test_dare_rescale_by_density_is_the_papers_one_over_p(dtype: torch.dtype) -> None:
     delta = (torch.randn(3 * BLOCK // 2) * 0.01).to(dtype)
-    keep = torch.rand(delta.numel()) < 0.4
-    papers = random_prune(delta, keep, rescale=True, density_rescale=0.4)
+    base = torch.zeros_like(delta)
+    keep = mask(4, delta, 0.4)  # the method draws the same mask from the same generator
+    papers = merged("dare_linear", base, [delta], [1.0], [0.4], seed=4, rescale_by_density=True)
     assert torch.equal(papers, ((delta * keep).float() * (1 / 0.4)).to(dtype))  # τ̂ = m ⊙ τ / p, rounded once
-    l1 = random_prune(delta, keep, rescale=True)
+    l1 = merged("dare_linear", base, [delta], [1.0], [0.4], seed=4)
     assert torch.equal(papers != 0, l1 != 0) and not torch.equal(papers, l1)  # same entries, other scale
-    assert torch.equal(random_prune(delta, keep, rescale=False, density_rescale=0.4), delta * keep)
+    raw = merged("dare_linear", base, [delta], [1.0], [0.4], seed=4, rescale=False, rescale_by_density=True)
+    assert torch.equal(raw, delta * keep)
 
 
 def test_dare_rescale_by_density_reaches_the_method_from_a_recipe(tiny, write_recipe, tmp_path) -> None:
@@ -198,9 +222,9 @@ def test_random_prune_independent_of_thread_count() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = random_prune(delta, mask(9, delta, 0.5), rescale=True)
+        one = rescale_l1(delta, random_prune(delta, mask(9, delta, 0.5)))
         torch.set_num_threads(max(2, threads))
-        many = random_prune(delta, mask(9, delta, 0.5), rescale=True)
+        many = rescale_l1(delta, random_prune(delta, mask(9, delta, 0.5)))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
@@ -208,11 +232,21 @@ def test_random_prune_independent_of_thread_count() -> None:
 
 def test_dare_density_one_is_deterministic_and_equals_no_pruning() -> None:
     base, x, y = torch.randn(30, 30), torch.randn(30, 30), torch.randn(30, 30)
-    keep_all = bernoulli_masks(np.random.default_rng(0), base.numel(), [1.0, 1.0])
-    assert torch.equal(dare_linear(base, [x, y], [0.5, 0.5], keep_all), task_arithmetic(base, [x, y], [0.5, 0.5]))
+    ones = [1.0, 1.0]
     assert torch.equal(
-        dare_ties(base, [x, y], [1.0, 1.0], keep_all, normalize=True), ties(base, [x, y], [1.0, 1.0], [1.0, 1.0])
+        merged("dare_linear", base, [x, y], [0.5, 0.5], ones, seed=0),
+        merged("task_arithmetic", base, [x, y], [0.5, 0.5]),
     )
+    assert torch.equal(
+        merged("dare_ties", base, [x, y], ones, ones, seed=0, normalize=True), merged("ties", base, [x, y], ones, ones)
+    )
+    for method in ("della", "della_linear", "breadcrumbs", "breadcrumbs_ties"):  # density 1: nothing is dropped
+        consensus = "ties" if method in ("della", "breadcrumbs_ties") else "task_arithmetic"
+        normalize = method == "della"
+        assert torch.equal(
+            merged(method, base, [x, y], ones, ones, seed=0, normalize=normalize, rescale=False),
+            merged(consensus, base, [x, y], ones, ones, normalize=normalize),
+        ), method
 
 
 def test_sign_consensus_zero_votes_are_positive_and_zero_divisor_is_one() -> None:
@@ -233,7 +267,71 @@ def test_passthrough() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dare_same_bytes_on_gpu_and_cpu() -> None:
     base, x = torch.randn(512, 256).bfloat16(), torch.randn(512, 256).bfloat16()
-    keep = bernoulli_masks(np.random.default_rng(3), base.numel(), [0.5])
-    cpu = dare_ties(base, [x], [0.5], keep)
-    gpu = dare_ties(base.cuda(), [x.cuda()], [0.5], keep).cpu()
+    cpu = merged("dare_ties", base, [x], [0.5], [0.5], seed=3)
+    gpu = merged("dare_ties", base.cuda(), [x.cuda()], [0.5], [0.5], seed=3).cpu()
     assert torch.equal(cpu, gpu)
+
+
+def test_breadcrumbs_drops_the_outliers_and_the_smallest() -> None:
+    delta = torch.tensor([0.1, -5.0, 2.0, -3.0, 0.5, 1.0, 4.0, -0.2, 0.3, 6.0])
+    # n 10, k = 5 kept, ⌊0.1·10⌋ = 1 outlier (6) dropped, then the 4 smallest (0.1, -0.2, 0.3, 0.5)
+    expected = torch.tensor([0.0, -5.0, 2.0, -3.0, 0.0, 1.0, 4.0, 0.0, 0.0, 0.0])
+    assert torch.equal(outlier_prune(delta, 0.5, 0.1), expected)
+    # density + gamma > 1: fewer outliers go, so k = 9 entries still survive (only 6 is dropped)
+    assert torch.equal(outlier_prune(delta, 0.95, 0.1), delta * (delta != 6.0))
+    assert torch.equal(outlier_prune(delta, 1.0, 0.1), delta)  # density 1 keeps everything, outliers too
+    tied = torch.tensor([1.0, -1.0, 1.0, 2.0])  # ties rank by index: k 2, no outlier -> the last two in order
+    assert torch.equal(outlier_prune(tied, 0.5, 0.0), torch.tensor([0.0, 0.0, 1.0, 2.0]))
+
+
+def test_della_keeps_density_on_average_and_large_entries_more_often() -> None:
+    delta = torch.randn(400, 500)
+    uniform = torch.from_numpy(np.random.default_rng(0).random(delta.numel(), dtype=np.float32))
+    kept = rank_random_prune(delta, 0.5, 0.2, uniform) != 0
+    assert kept.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    order = delta.abs().argsort(dim=1)
+    low, high = kept.gather(1, order[:, :50]).float().mean(), kept.gather(1, order[:, -50:]).float().mean()
+    assert low.item() == pytest.approx(0.3 + 0.4 * 24.5 / 499, abs=0.02)  # p = (ρ − ε) + 2ε·r/(m − 1)
+    assert high.item() == pytest.approx(0.7 - 0.4 * 24.5 / 499, abs=0.02)
+    assert torch.equal(rank_random_prune(delta, 0.5, 0.2, uniform), delta * kept)  # the same draws, the same mask
+    one = torch.tensor([[2.0], [3.0]])  # rows of one entry keep with p = density
+    assert torch.equal(rank_random_prune(one, 0.5, 0.2, torch.tensor([0.49, 0.51])), torch.tensor([[2.0], [0.0]]))
+
+
+def test_della_method_is_seeded_and_rescales_to_the_l1_norm() -> None:
+    base, x = torch.zeros(300, 200), torch.randn(300, 200)
+    a = merged("della_linear", base, [x], [1.0], [0.4], seed=1, epsilon=0.1)
+    assert torch.equal(a, merged("della_linear", base, [x], [1.0], [0.4], seed=1, epsilon=0.1))
+    assert not torch.equal(a, merged("della_linear", base, [x], [1.0], [0.4], seed=2, epsilon=0.1))
+    assert (a != 0).float().mean().item() == pytest.approx(0.4, abs=0.01)
+    assert a.abs().sum().item() == pytest.approx(x.abs().sum().item(), rel=1e-4)
+
+
+def test_nearswap_hand_computed() -> None:
+    base, other = torch.zeros(3), torch.tensor([0.05, 1.0, -2.0])
+    # |diff| 0.05, 1, 2 -> w = min(1, 0.1/|diff|) = 1, 0.1, 0.05
+    assert torch.allclose(nearswap(0.1, base, other), torch.tensor([0.05, 0.1, -0.1]))
+    assert torch.equal(nearswap(0.0, base, other), base)
+
+
+def test_model_stock_angle_hand_computed() -> None:
+    base = torch.tensor([1.0, 1.0])
+    same = model_stock(base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([1.0, 0.0])])
+    assert torch.equal(same, base + torch.tensor([1.0, 0.0]))  # cos 1 -> t 1: the average
+    orthogonal = model_stock(base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 1.0])])
+    assert torch.equal(orthogonal, base)  # cos 0 -> t 0: the base
+    cos = 1 / math.sqrt(2)  # τ = [1, 0] and [1, 1]
+    t = 2 * cos / (1 + cos)
+    mixed = model_stock(base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([1.0, 1.0])])
+    assert torch.allclose(mixed, base + t * torch.tensor([1.0, 0.5]))
+    rows = model_stock(
+        torch.zeros(2, 2),
+        [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])],
+        filter_wise=True,
+    )
+    assert torch.equal(rows, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # row 0 agrees (t 1), row 1 is orthogonal
+
+
+def test_every_method_names_its_paper_and_random_methods_take_a_generator() -> None:
+    assert all(m.paper for m in METHODS.values() if m.name != "passthrough")
+    assert {m.name for m in METHODS.values() if m.random} == {"dare_linear", "dare_ties", "della", "della_linear"}

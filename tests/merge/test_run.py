@@ -142,25 +142,26 @@ def test_dare_is_reproducible_whatever_order_shards_or_threads(tiny, write_recip
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
-def test_dare_mask_depends_on_tensor_name_not_plan_order(tiny) -> None:
+def test_random_draws_depend_on_tensor_name_not_plan_order(tiny) -> None:
     # merging the jobs in reverse order gives the same tensors
     import tempfile
 
     from merge.recipe import load_recipe
-    from merge.run import keep_masks, merge_tensor, plan_merge
+    from merge.run import merge_tensor, method_rng, plan_merge
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "r.yaml"
-        path.write_text(yaml.safe_dump(ties_recipe(tiny, "dare_linear")))
-        plan, models = plan_merge(load_recipe(path), weights=True)
+        for method in ("dare_linear", "della"):
+            path.write_text(yaml.safe_dump(ties_recipe(tiny, method)))
+            plan, models = plan_merge(load_recipe(path), weights=True)
 
-        def merged(job):
-            inputs = [models[s.model].read(s.tensor, torch.bfloat16) for s in job.sources]
-            return merge_tensor(job, inputs, plan, keep_masks(job, plan, seed=1))
+            def merged(job, plan=plan, models=models):
+                inputs = [models[s.model].read(s.tensor, torch.bfloat16) for s in job.sources]
+                return merge_tensor(job, inputs, plan, method_rng(job, plan, seed=1))
 
-        forward = {j.output.name: merged(j) for j in plan.jobs}
-        backward = {j.output.name: merged(j) for j in reversed(plan.jobs)}
-    assert all(torch.equal(forward[k], backward[k]) for k in forward)
+            forward = {j.output.name: merged(j) for j in plan.jobs}
+            backward = {j.output.name: merged(j) for j in reversed(plan.jobs)}
+            assert all(torch.equal(forward[k], backward[k]) for k in forward), method
 
 
 def test_passthrough_slices_stack_layers_and_update_config(tiny, write_recipe, tmp_path) -> None:
@@ -335,3 +336,54 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny, write_recipe, tmp_pat
     monkeypatch.setattr(Checkpoint, "read", no_reading)
     result = run_merge(write_recipe(ties_recipe(tiny)), tmp_path / "out", dry_run=True)
     assert len(result.plan.jobs) == 39 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("breadcrumbs", {}),
+        ("breadcrumbs_ties", {"parameters": {"normalize": True}}),
+        ("della", {"parameters": {"lambda": 0.9}}),
+        ("della_linear", {}),
+        ("model_stock", {"parameters": {"filter_wise": True}}),
+    ],
+)
+def test_new_methods_merge_three_models_into_a_loadable_model(tiny, write_recipe, tmp_path, method, extra) -> None:
+    from transformers import AutoModelForCausalLM
+
+    recipe = ties_recipe(tiny, method, **extra)
+    if method == "model_stock":  # no weights or densities: the angle decides
+        for m in recipe["models"]:
+            m.pop("parameters", None)
+    out = tmp_path / "out"
+    run_merge(write_recipe(recipe), out, seed=5)
+    merged, base = load_weights(out), load_weights(tiny["base"])
+    assert set(merged) == set(base) and all(torch.isfinite(t.float()).all() for t in merged.values())
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+    assert method in (out / "README.md").read_text() and "arxiv.org" in (out / "README.md").read_text()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_nearswap_recipe(tiny, write_recipe, tmp_path) -> None:
+    recipe = {
+        "merge_method": "nearswap",
+        "base_model": str(tiny["base"]),
+        "dtype": "float32",
+        "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}],
+        "parameters": {"t": 0.001},
+    }
+    run_merge(write_recipe(recipe), tmp_path / "out")
+    out, base, ft1 = load_weights(tmp_path / "out"), load_weights(tiny["base"]), load_weights(tiny["ft1"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    near = (base[name] - ft1[name]).abs() <= 0.001
+    assert torch.equal(out[name][near], ft1[name][near])  # within t: the other model's value
+
+
+def test_della_density_and_epsilon_outside_0_1_is_one_line_before_merging(tiny, write_recipe, tmp_path) -> None:
+    recipe = ties_recipe(tiny, "della")
+    recipe["models"][1]["parameters"] |= {"density": 0.1, "epsilon": 0.15}
+    with pytest.raises(UserError) as info:
+        run_merge(write_recipe(recipe), tmp_path / "out")
+    (problem,) = info.value.problems
+    assert "density 0.1 ± epsilon 0.15 must lie inside (0, 1)" in str(problem) and "more tensor(s)" in str(problem)
+    assert not (tmp_path / "out").exists()

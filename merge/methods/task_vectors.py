@@ -1,10 +1,15 @@
-"""Task-vector methods: task arithmetic, TIES and DARE, as one pipeline on deltas from a base model.
+"""The task-vector family — task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA — as one pipeline on deltas
+from a base model, the way the papers build on each other:
 
     τ_i = θ_i − θ_base                                   task vector of model i
-    τ̂_i = prune(τ_i)                                     TIES: keep top-k magnitudes; DARE: random drop
-    θ  = θ_base + λ · combine(w_1 τ̂_1, ..., w_n τ̂_n)     sum, or TIES's sign-elected disjoint mean
+    τ̂_i = sparsify(τ_i)                                  none | magnitude (TIES) | random (DARE)
+                                                          | magnitude outliers (Breadcrumbs) | rank-random (DELLA)
+          (· ‖τ_i‖₁ / ‖τ̂_i‖₁ if rescale)
+    θ  = θ_base + λ · combine(w_1 τ̂_1, ..., w_n τ̂_n)     sum, or TIES's sign-elected disjoint sum (mean if normalize)
 
-Arithmetic runs in the merge dtype (the recipe's `dtype`), as in mergekit, so outputs agree with it.
+Each method is one choice of (sparsification, sign consensus, defaults): see `TASK_VECTOR_METHODS` in
+merge/methods/__init__.py. Arithmetic runs in the merge dtype (the recipe's `dtype`), as in mergekit, so
+outputs agree with it.
 """
 
 from __future__ import annotations
@@ -90,45 +95,69 @@ def bernoulli_masks(rng: np.random.Generator, numel: int, densities: Sequence[fl
     return [None if d >= 1 else torch.from_numpy(rng.random(numel, dtype=np.float32) < d) for d in densities]
 
 
-def random_prune(
-    delta: torch.Tensor, keep: torch.Tensor | None, rescale: bool, density_rescale: float | None = None
-) -> torch.Tensor:
-    """DARE "drop and rescale" (Yu et al. 2024), given the Bernoulli(p = density) keep mask m:
-
-        τ̂ = m ⊙ τ · (‖τ‖₁ / ‖m ⊙ τ‖₁)   (rescale=True; mergekit ≥ 0.1's rule, the default)
-        τ̂ = m ⊙ τ / p                    (rescale=True, density_rescale=p; the paper's rule, and early-2024
-                                          mergekit's, which built BioMistral's DARE models)
-
-    The L1 rule is 1/p in expectation and exact per tensor. For 16-bit floats the L1 norms are exact,
-    order-free sums, so the result does not depend on device or thread count. `keep` None keeps everything
-    (density 1).
-    """
+def random_prune(delta: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """DARE's "drop" (Yu et al. 2024, arXiv:2311.03099): τ̂ = m ⊙ τ for the Bernoulli(p = density) keep mask m
+    (None keeps everything). The rescale is separate: `rescale_l1` (mergekit's rule, the default) or 1/p
+    (`rescale_by_density`, the paper's, and early-2024 mergekit's, which built BioMistral's DARE models)."""
     if keep is None:
         return delta
-    if rescale and density_rescale is not None:
-        return (delta * keep.to(delta.device).reshape(delta.shape)).mul_(1 / density_rescale)
-    flat, keep = delta.reshape(-1), keep.to(delta.device).reshape(-1)
-    pruned = torch.empty_like(flat)
-    sixteen_bit = flat.element_size() == 2
-    before = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device) if sixteen_bit else 0.0
-    after = torch.zeros_like(before) if sixteen_bit else 0.0
-    for block in _blocks(flat.numel()):
-        d = flat[block]
-        p = pruned[block] = d * keep[block]
-        if rescale and sixteen_bit:
-            before += torch.bincount(d.abs().view(torch.int16), minlength=1 << 15)
-            after += torch.bincount(p.abs().view(torch.int16), minlength=1 << 15)
-        elif rescale:
-            before += float(d.abs().sum(dtype=torch.float64))
-            after += float(p.abs().sum(dtype=torch.float64))
-    pruned = pruned.reshape(delta.shape)
-    if not rescale:
-        return pruned
-    if sixteen_bit:
-        before, after = _exact_sum(before, delta.dtype), _exact_sum(after, delta.dtype)
+    return delta * keep.to(delta.device).reshape(delta.shape)
+
+
+def outlier_prune(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the largest |τ| as outliers and the
+    smallest as noise. With r(j) the rank of |τ_j| in ascending order, n entries, k = ⌊density·n⌋:
+
+        keep j  ⇔  b ≤ r(j) < b + k,   b = max(0, n − k − ⌊γ·n⌋)
+
+    (fewer outliers are dropped when density + γ > 1, so k entries always survive). density ≥ 1 keeps
+    everything, as mergekit does. Equal magnitudes rank by flat index (a stable sort), so the result is
+    deterministic; mergekit's unstable sort may pick other entries among ties at either edge."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    k = int(density * n)
+    bottom = max(0, n - k - int(gamma * n))
+    flat = delta.reshape(-1)
+    order = torch.sort(flat.abs().float(), stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[order[bottom : bottom + k]] = True
+    return (flat * keep).reshape(delta.shape)
+
+
+def rank_random_prune(delta: torch.Tensor, density: float, epsilon: float, uniform: torch.Tensor) -> torch.Tensor:
+    """DELLA's MagPrune (Deep et al. 2024, arXiv:2406.11617): a random drop whose keep probability grows with
+    magnitude. Per row (a 1-D tensor is one row) of m entries, with r(j) the rank of |τ_j| (0 = smallest):
+
+        p_j = (density − ε) + 2ε · r(j) / (m − 1),      keep j  ⇔  u_j < p_j,   u_j ~ U[0, 1)
+
+    so the mean keep rate is `density`; a one-entry row keeps with p = density. `uniform` holds the u_j
+    (drawn by the caller from the method's seeded generator). density ≥ 1 keeps everything."""
+    if density >= 1:
+        return delta
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    m = rows.shape[1]
+    ranks = torch.sort(rows.abs().float(), dim=1, stable=True).indices.argsort(dim=1).float()
+    spread = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    keep = uniform.to(delta.device).reshape(rows.shape) < (density - epsilon) + spread * (2 * epsilon)
+    return (rows * keep).reshape(delta.shape)
+
+
+def rescale_l1(delta: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """τ̂ · ‖τ‖₁ / ‖τ̂‖₁ — mergekit's `rescale`: the pruned task vector keeps the original's L1 norm (1/p in
+    expectation for DARE). Unchanged when either norm is below 1e-7. For 16-bit floats the norms are exact,
+    order-free sums, so the result does not depend on device or thread count."""
+    before, after = _l1_norm(delta), _l1_norm(pruned)
     if before < 1e-7 or after < 1e-7:
         return pruned
-    return pruned.mul_(before / after)  # computed in float32, rounded once to delta's dtype
+    return pruned.mul_(before / after)  # computed in float32, rounded once to the delta's dtype
+
+
+def _l1_norm(x: torch.Tensor) -> float:
+    flat = x.reshape(-1)
+    if flat.element_size() == 2:
+        return _exact_sum(_magnitude_counts(flat), x.dtype)
+    return sum(float(flat[block].abs().sum(dtype=torch.float64)) for block in _blocks(flat.numel()))
 
 
 def merge_task_vectors(
@@ -186,87 +215,3 @@ def _combine(
     if lambda_ != 1:
         merged *= lambda_
     return (base + merged).to(base.dtype)
-
-
-def task_arithmetic(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    """Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): θ = θ_base + λ Σ_i w_i τ_i."""
-    return merge_task_vectors(base, others, weights, normalize=normalize, lambda_=lambda_)
-
-
-def ties(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    *,
-    normalize: bool = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023, arXiv:2306.01708): trim, elect sign, disjoint merge.
-
-    τ̂_i = top-k_i(τ_i) by magnitude (k_i = density_i · n),  γ = sgn(Σ_i w_i τ̂_i)
-    θ = θ_base + λ Σ_i w_i τ̂_i [sgn τ̂_i = γ] / Σ_i w_i [sgn τ̂_i = γ]
-    """
-    return merge_task_vectors(
-        base,
-        others,
-        weights,
-        prune=lambda d, i: magnitude_prune(d, densities[i]),
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
-
-
-def dare_linear(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    keep: Sequence[torch.Tensor | None],
-    *,
-    rescale: bool = True,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    densities: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """DARE with a plain weighted sum (Yu et al. 2024, arXiv:2311.03099): θ = θ_base + λ Σ_i w_i DARE(τ_i).
-    `densities` given: each kept entry is rescaled by 1/density_i, the paper's rule (see random_prune)."""
-    return merge_task_vectors(
-        base,
-        others,
-        weights,
-        prune=lambda d, i: random_prune(d, keep[i], rescale, densities[i] if densities else None),
-        normalize=normalize,
-        lambda_=lambda_,
-    )
-
-
-def dare_ties(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    keep: Sequence[torch.Tensor | None],
-    *,
-    rescale: bool = True,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    densities: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """DARE pruning followed by TIES's sign election and disjoint sum (mean if normalize); `densities` as in
-    dare_linear."""
-    return merge_task_vectors(
-        base,
-        others,
-        weights,
-        prune=lambda d, i: random_prune(d, keep[i], rescale, densities[i] if densities else None),
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
