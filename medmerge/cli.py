@@ -41,6 +41,8 @@ def warn(line: str) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    if args.out_dir is None and not args.dry_run:
+        raise UserError("give OUT_DIR, the directory to write the merged model to (only --dry-run needs none)")
     with interrupts_held():
         from medmerge.console import describe_plan, progress_bar
         from merge.run import run_merge
@@ -73,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.demo import run_demo
 
-    leaderboard = run_demo(Path(args.dir))
+    leaderboard = run_demo(Path(args.dir), verbose=args.verbose)
     _print_report(leaderboard)
     return 0
 
@@ -86,7 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr)
 
-    leaderboard = run_experiment(args.experiment, say=say, progress=lambda d: progress_bar(d, not args.quiet))
+    leaderboard = run_experiment(
+        args.experiment, say=say, progress=lambda d: progress_bar(d, not args.quiet), verbose=args.verbose
+    )
     _print_report(leaderboard)
     return 0
 
@@ -130,6 +134,9 @@ def cmd_data_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "also show the progress bars of transformers and datasets while lm-eval runs"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medmerge", description="Merge biomedical language models and evaluate the merges with lm-eval."
@@ -143,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         "atomically and loads with `lm_eval --model hf --model_args pretrained=OUT_DIR`.",
     )
     merge.add_argument("recipe", help="the recipe YAML file")
-    merge.add_argument("out_dir", help="output model directory (created; must be empty unless --overwrite)")
+    merge.add_argument(
+        "out_dir",
+        nargs="?",
+        help="output model directory (created; must be empty unless --overwrite); optional with --dry-run",
+    )
     merge.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
     merge.add_argument(
         "--out-shard-size",
@@ -186,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("experiment", help="the experiment YAML file")
     run.add_argument("--quiet", action="store_true", help="no merge progress bars")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser(
@@ -198,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "parents (model card base_model list, or the recipe in the model directory).",
     )
     report.add_argument("results", nargs="+", help="lm-eval output directories or results_*.json files")
-    report.add_argument("-o", "--output", required=True, metavar="DIR", help="report directory (replaced if a report)")
+    report.add_argument(
+        "-o",
+        "--output",
+        default="medmerge-report",
+        metavar="DIR",
+        help="report directory, replaced when it holds an earlier report (default: ./medmerge-report)",
+    )
     report.add_argument("--title", default="Leaderboard", help="the page's title (default: Leaderboard)")
     report.add_argument(
         "--rank-by", metavar="COLUMN", help="column to rank by, e.g. 'bioinstructqa acc' (default: the first group)"
@@ -224,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lm-eval and write a report. Needs no network.",
     )
     demo.add_argument("dir", nargs="?", default="medmerge-demo", help="work directory (default: ./medmerge-demo)")
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="manage the evaluation datasets").add_subparsers(

@@ -45,6 +45,9 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Progress | 
 
     try:
         yield update
+    except BaseException:
+        bar.live.transient = True  # an error or Ctrl-C: take the bar away, so the error line is the first thing
+        raise
     finally:
         if task is not None:  # a bar never started must print nothing (not even the newline stop() writes)
             bar.stop()

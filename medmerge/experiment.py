@@ -9,6 +9,7 @@ is reused; a changed recipe or setting is redone. Kill it anywhere and run again
     models: [BioMistral/BioMistral-7B]  # evaluated as they are (hub ids or directories)
     tasks: [medmerge_bioinstructqa]
     data_dir: null                      # a dataset mirror (MEDMERGE_DATA_DIR) for these evaluations only
+    note: ""                            # a line under the report's title (default: shot sets and this file)
     fewshot_sets: [1, 2, 3]             # BioInstructQA's fixed shot sets: one evaluation per set
     merge: {device: cpu, seed: 0}
     lm_eval: {model: hf, batch_size: 8, dtype: bfloat16, device: cuda, limit: null, model_args: {}}
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -63,6 +65,7 @@ class Experiment(_Strict):
     models: list[str] = Field(default_factory=list)
     tasks: list[str] = Field(min_length=1)
     data_dir: str | None = None
+    note: str = ""  # printed under the report's title
     fewshot_sets: list[int] = Field(default_factory=lambda: [1])
     merge: MergeSettings = Field(default_factory=MergeSettings)
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
@@ -121,11 +124,12 @@ def run_experiment(
     path: str | Path,
     say: Say = print,
     progress: Callable[[str], AbstractContextManager[Progress | None]] | None = None,
-    note: str = "",
+    verbose: bool = False,
 ) -> Path:
     """Run (or resume) an experiment; returns the path of its report's leaderboard.md (index.html beside it).
     `progress(description)` gives a context manager yielding a merge progress callback
-    (medmerge.console.progress_bar); `note` is printed under the report's title."""
+    (medmerge.console.progress_bar); `verbose` keeps transformers' and datasets' progress bars (lm-eval's own
+    request bar always shows)."""
     experiment, base = load_experiment(path)
     work = (base / experiment.work_dir).resolve()
     (work / "models").mkdir(parents=True, exist_ok=True)
@@ -161,28 +165,35 @@ def run_experiment(
     settings = experiment.lm_eval.model_dump()
     data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
     runs = [(name, s) for name in candidates for s in experiment.fewshot_sets]
-    result_dirs = []
-    for i, (name, shot_set) in enumerate(runs, 1):
+    result_dirs, todo = [], []
+    for name, shot_set in runs:
         pretrained, identity = candidates[name]
         out = work / "results" / name.replace("/", "__") / f"shotset{shot_set}"
         result_dirs.append(out)
         key = _digest(identity, experiment.tasks, shot_set, settings, *([data_dir] if data_dir else []))
-        if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
+        done = (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key
+        todo.append(None if done else (pretrained, out, key))
+    started, finished = time.monotonic(), 0
+    for i, ((name, shot_set), step) in enumerate(zip(runs, todo), 1):
+        if step is None:
             say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}: up to date")
             continue
-        say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}")
+        pretrained, out, key = step
+        left = sum(1 for later in todo[i - 1 :] if later is not None)
+        say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}  ({time_left(started, finished, left)})")
         with (
             atomic_output_dir(out, overwrite=True, markers=[KEY_FILE]) as staging,
             scoped_environment(MEDMERGE_DATA_DIR=data_dir),
         ):
-            evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval, staging)
+            evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval, staging, verbose=verbose)
             (staging / KEY_FILE).write_text(key)
+        finished += 1
     say("[report]")
     return build_report(
         result_dirs,
         work / "report",
         title=f"{Path(path).stem}: {', '.join(experiment.tasks)}",
-        note=note or f"Shot sets {experiment.fewshot_sets}; experiment file {Path(path).resolve()}.",
+        note=experiment.note or f"Shot sets {experiment.fewshot_sets}; experiment file {Path(path).resolve()}.",
         say=say,
     )
 
@@ -202,7 +213,76 @@ def scoped_environment(**values: str | None) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings, output_dir: Path) -> None:
+def time_left(started: float, finished: int, left: int) -> str:
+    """'1:20 elapsed, about 2:40 left': the evaluations so far set the pace for the `left` still to run."""
+    elapsed = time.monotonic() - started
+    text = f"{_clock(elapsed)} elapsed"
+    return text + (f", about {_clock(elapsed / finished * left)} left" if finished else "")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+@contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' ("Loading weights") and datasets' progress bars on or off for the block."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    were = transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were[0]:
+            transformers_logging.enable_progress_bar()
+        if were[1]:
+            datasets.enable_progress_bars()
+
+
+def lm_eval_command(
+    pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings, output_dir: Path, data_dir: str | None
+) -> str:
+    """The plain `lm_eval` command line that makes the same evaluation as `evaluate` (for reproducing a row by
+    hand)."""
+    import shlex
+
+    model_args = {"pretrained": pretrained, **({"dtype": settings.dtype} if settings.dtype else {})}
+    model_args |= settings.model_args
+    words = [
+        "lm_eval",
+        "--model",
+        settings.model,
+        "--model_args",
+        ",".join(f"{k}={v}" for k, v in model_args.items()),
+        "--tasks",
+        ",".join(tasks),
+        "--batch_size",
+        str(settings.batch_size),
+        "--device",
+        settings.device,
+        *(["--limit", str(settings.limit)] if settings.limit is not None else []),
+        "--metadata",
+        json.dumps({"fewshot_set": shot_set}),
+        "--output_path",
+        str(output_dir),
+        "--log_samples",
+    ]
+    return (f"MEDMERGE_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(words)
+
+
+def evaluate(
+    pretrained: str,
+    tasks: list[str],
+    shot_set: int,
+    settings: LmEvalSettings,
+    output_dir: Path,
+    verbose: bool = False,
+) -> None:
     """One lm-eval run through its Python API, saved exactly as `lm_eval --output_path DIR --log_samples` saves
     it (lm-eval's own EvaluationTracker: DIR/<model>/results_<date>.json and samples_<task>_<date>.jsonl)."""
     import lm_eval
@@ -214,17 +294,18 @@ def evaluate(pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalS
         **settings.model_args,
     }
     tracker = EvaluationTracker(output_path=str(output_dir))
-    output = lm_eval.simple_evaluate(
-        model=settings.model,
-        model_args=model_args,  # a dict: values holding commas or '=' reach the model as written
-        tasks=tasks,
-        batch_size=settings.batch_size,
-        device=settings.device,
-        limit=settings.limit,
-        log_samples=True,
-        evaluation_tracker=tracker,
-        metadata={"fewshot_set": shot_set},
-    )
+    with library_progress_bars(verbose):
+        output = lm_eval.simple_evaluate(
+            model=settings.model,
+            model_args=model_args,  # a dict: values holding commas or '=' reach the model as written
+            tasks=tasks,
+            batch_size=settings.batch_size,
+            device=settings.device,
+            limit=settings.limit,
+            log_samples=True,
+            evaluation_tracker=tracker,
+            metadata={"fewshot_set": shot_set},
+        )
     samples = output.pop("samples")
     tracker.save_results_aggregated(results=output, samples=samples)
     for task in output["configs"]:

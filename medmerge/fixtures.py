@@ -106,29 +106,36 @@ def bioinstructqa_records(per_corpus: int = 6, seed: int = 0) -> list[dict[str, 
 
 
 def truthfulqa_rows(per_category: dict[str, int] | None = None, other: int = 3) -> tuple[list[dict], list[dict]]:
-    """(generation rows, multiple_choice rows) in the hub schemas."""
+    """(generation rows, multiple_choice rows) in the hub schemas: as in TruthfulQA, MC1 is the best answer then
+    the incorrect ones, MC2 every correct answer then the incorrect ones. Each question asks one of FACTS with its
+    own wrong answers, so a model that learned some of them scores between 0 and 1, and models can differ."""
     per_category = per_category or {c: 2 + i for i, c in enumerate(TRUTHFULQA_HEALTH_CATEGORIES)}
     generation, multiple_choice = [], []
     categories = [c for c, n in per_category.items() for _ in range(n)] + ["Misconceptions"] * other
     for i, category in enumerate(categories):
-        question = f"Is claim {i} about {category.lower()} true?"
-        true, false = [f"No, claim {i} is false", f"Claim {i} is unproven"], [f"Yes, claim {i} is true"]
+        fact, answer, wrong = FACTS[i % len(FACTS)]
+        question = f"{fact} ({category} claim {i})"
+        best, correct = f"The {answer}.", [f"The {answer}.", f"It is the {answer}."]
+        incorrect = [f"The {w}." for w in wrong[i % 2 : i % 2 + 3]]
         generation.append(
             {
                 "type": "Adversarial",
                 "category": category,
                 "question": question,
-                "best_answer": true[0],
-                "correct_answers": true,
-                "incorrect_answers": false,
+                "best_answer": best,
+                "correct_answers": correct,
+                "incorrect_answers": incorrect,
                 "source": "https://example.org",
             }
         )
         multiple_choice.append(
             {
                 "question": question,
-                "mc1_targets": {"choices": [true[0], *false, "I have no comment"], "labels": [1, 0, 0]},
-                "mc2_targets": {"choices": [*true, *false], "labels": [1, 1, 0]},
+                "mc1_targets": {"choices": [best, *incorrect], "labels": [1] + [0] * len(incorrect)},
+                "mc2_targets": {
+                    "choices": [*correct, *incorrect],
+                    "labels": [1] * len(correct) + [0] * len(incorrect),
+                },
             }
         )
     return generation, multiple_choice

@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medmerge_common.errors import Problem, UserError, did_you_mean
-from merge.methods import METHODS, REQUIRED, Method
+from merge.methods import MERGEKIT_METHODS_NOT_YET, METHODS, REQUIRED, Method
 from merge.params import check_setting, convert
 from merge.yamlfile import Path_, field_name, line_of, parse_yaml, read_text, validate_model
 
@@ -128,6 +128,12 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
     def problem(message: str, *path: str | int) -> None:
         out.append(Problem(message, **r.where(*path)))
 
+    if r.merge_method in MERGEKIT_METHODS_NOT_YET:
+        problem(
+            f"mergekit method '{r.merge_method}' is not supported yet; supported: {', '.join(METHODS)}",
+            "merge_method",
+        )
+        return out, warnings
     if r.merge_method not in METHODS:
         problem(
             f"unknown merge method '{r.merge_method}'{did_you_mean(r.merge_method, METHODS)}; "

@@ -95,7 +95,7 @@ def merge_tensor(
 
 def run_merge(
     recipe: str | Path | Recipe,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     device: str = "cpu",
     shard_bytes: int = 5 * 10**9,
@@ -107,7 +107,7 @@ def run_merge(
     warn: Say | None = None,
 ) -> MergeResult:
     """Merge the models of a recipe (its file, or the recipe loaded from it) into `out_dir` (atomically), or only
-    validate and plan (`dry_run`).
+    validate and plan (`dry_run`; `out_dir` may then be None, and is checked when given).
 
     Input tensors holding NaN/Inf stop the merge, naming model and tensor (with `allow_nonfinite`: a warning,
     and the merge carries on); a merged tensor that turns non-finite from finite inputs always stops it."""
@@ -117,12 +117,16 @@ def run_merge(
         recipe = load_recipe(recipe)
     for warning in recipe.warnings:
         warn(str(warning))
-    out = Path(out_dir)
-    check_output_dir(out, overwrite, inputs=[d for ref in recipe.model_refs() if (d := local_dir(ref))])
+    if out_dir is None and not dry_run:
+        raise ValueError("run_merge needs out_dir unless dry_run")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_output_dir(out, overwrite, inputs=[d for ref in recipe.model_refs() if (d := local_dir(ref))])
     target = check_device(device)
     plan, models = plan_merge(recipe, weights=not dry_run)
     if dry_run:
         return MergeResult(None, plan, time.perf_counter() - start)
+    assert out is not None
     inputs = [m.directory for m in models.values() if m.directory is not None]
     merge_dtype = recipe.merge_dtype
 

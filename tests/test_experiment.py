@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from medmerge.experiment import run_experiment
 def experiment(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[tuple[str, int]] = []
 
-    def fake_evaluate(pretrained, tasks, shot_set, settings, output_dir):
+    def fake_evaluate(pretrained, tasks, shot_set, settings, output_dir, verbose=False):
         """Writes what lm-eval's tracker writes, trimmed to the keys the report reads."""
         calls.append((pretrained, shot_set))
         results = {
@@ -73,6 +74,7 @@ def test_run_merges_evaluates_and_reports_mean_std(experiment) -> None:
     # from its model card
     assert "| ties | 2 | 0.375 ± 0.125 | 0.500 ± 0.000 |" in text
     assert "| ties | base | +0.000 | +0.000 |" in text
+    assert "Shot sets [1, 2]; experiment file" in text  # the default note
     work = path.parent / "work"
     assert (work / "models" / "ties" / "model.safetensors").exists()
     saved = json.loads(next((work / "results" / "ties" / "shotset2").rglob("results_*.json")).read_text())
@@ -86,15 +88,23 @@ def test_second_run_reuses_everything_and_a_changed_recipe_is_redone(experiment)
     merged = path.parent / "work" / "models" / "ties" / "model.safetensors"
     first_mtime = merged.stat().st_mtime_ns
     messages: list[str] = []
-    run_experiment(path, say=messages.append)
+    spec = yaml.safe_load(path.read_text()) | {"note": "What the reader looks at."}
+    path.write_text(yaml.safe_dump(spec))  # a note is the report's: it redoes no merge or evaluation
+    leaderboard = run_experiment(path, say=messages.append)
     assert len(calls) == 4 and merged.stat().st_mtime_ns == first_mtime
     assert sum("up to date" in m for m in messages) == 5
+    assert "\nWhat the reader looks at.\n" in leaderboard.read_text()
     data = yaml.safe_load(recipe.read_text())
     data["models"][0]["parameters"]["density"] = 0.7
     recipe.write_text(yaml.safe_dump(data))
-    run_experiment(path, say=lambda _: None)
+    messages.clear()
+    run_experiment(path, say=messages.append)
     assert merged.stat().st_mtime_ns != first_mtime
     assert len(calls) == 6  # only the merged model is evaluated again
+    evals = [m for m in messages if m.startswith("[eval") and "up to date" not in m]
+    # the first evaluation of a sitting has no pace yet; the next one estimates from it
+    assert re.search(r"\(0:\d\d elapsed\)$", evals[0]), evals
+    assert re.search(r"\(0:\d\d elapsed, about 0:\d\d left\)$", evals[1]), evals
 
 
 def test_bad_experiment_file_is_one_line_with_its_line(tmp_path: Path) -> None:
@@ -181,9 +191,9 @@ def test_data_dir_is_set_for_the_evaluations_only(experiment, monkeypatch: pytes
     seen = []
     recorded = experiment_module.evaluate
 
-    def evaluate(*args):
+    def evaluate(*args, **kwargs):
         seen.append(os.environ.get("MEDMERGE_DATA_DIR"))
-        recorded(*args)
+        recorded(*args, **kwargs)
 
     monkeypatch.setattr(experiment_module, "evaluate", evaluate)
     spec = yaml.safe_load(path.read_text()) | {"data_dir": "mirror"}
@@ -191,3 +201,40 @@ def test_data_dir_is_set_for_the_evaluations_only(experiment, monkeypatch: pytes
     run_experiment(path, say=lambda _: None)
     assert seen == [str(path.parent / "mirror")] * 4 and len(calls) == 4
     assert "MEDMERGE_DATA_DIR" not in os.environ
+
+
+def test_time_left_reads_as_a_clock() -> None:
+    now = experiment_module.time.monotonic()
+    assert experiment_module.time_left(now - 90, 0, 3) == "1:30 elapsed"
+    assert experiment_module.time_left(now - 90, 1, 2) == "1:30 elapsed, about 3:00 left"
+    assert experiment_module.time_left(now - 3700, 1, 1) == "1:01:40 elapsed, about 1:01:40 left"
+
+
+def test_lm_eval_command_is_what_evaluate_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The printed command, parsed by lm-eval's own command line, asks for what `evaluate` passes to lm-eval."""
+    import shlex
+
+    import lm_eval
+    from lm_eval._cli.harness import HarnessCLI
+
+    seen: dict = {}
+
+    def fake_simple_evaluate(**kwargs):
+        seen.update(kwargs)
+        raise StopIteration
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    settings = experiment_module.LmEvalSettings(dtype="float32", device="cpu", batch_size=4, limit=3)
+    tasks = ["medmerge_bioinstructqa", "medmerge_truthfulqa_health"]
+    with pytest.raises(StopIteration):
+        experiment_module.evaluate("/models/my merge", tasks, 2, settings, tmp_path / "out")
+    command = experiment_module.lm_eval_command("/models/my merge", tasks, 2, settings, tmp_path / "o", "/data dir")
+    words = shlex.split(command)
+    assert words[0] == "MEDMERGE_DATA_DIR=/data dir" and words[1] == "lm_eval"
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *words[2:]])
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    assert args.model == seen["model"] and args.model_args == seen["model_args"]
+    assert args.tasks == tasks and args.metadata == seen["metadata"]
+    assert (args.device, int(args.batch_size), float(args.limit)) == ("cpu", 4, 3.0)
+    assert args.log_samples and args.output_path == str(tmp_path / "o")

@@ -30,9 +30,9 @@ class Comparison:
     docs: int
     p_holm: float = 1.0  # adjusted over all pairs of the same column
 
-    def better(self, alpha: float = 0.05) -> Row | None:
-        """The significantly better row at level alpha, if any."""
-        if self.p >= alpha or self.delta == 0:
+    def better(self, alpha: float = 0.05, min_effect: float = 0.0) -> Row | None:
+        """The significantly better row at level alpha, if any; a difference below `min_effect` never is."""
+        if self.p >= alpha or self.delta == 0 or abs(self.delta) < min_effect:
             return None
         a_better = self.delta > 0 if self.column.higher_is_better else self.delta < 0
         return self.a if a_better else self.b
@@ -90,7 +90,7 @@ def compare(
             found = {t: s for t in tasks if (s := _row_scores(row, t, column.metric)) is not None}
             if len(found) == len(tasks):
                 scores[i] = found
-        weights = None
+        weights, undecided = None, False
         if column.is_group:
             kinds = {"equal", "size"}
             for run in (r for i in scores for r in board.rows[i].runs):
@@ -103,6 +103,7 @@ def compare(
             # One run whose values tell the two apart decides; where none does (say, all tasks at 0.0), the
             # observed means agree and equal weights (BioInstructQA's mean of tasks) are used.
             weights = "equal" if "equal" in kinds else "size"
+            undecided = kinds == {"equal", "size"}
         found_pairs = []
         indices = sorted(scores)
         for n, i in enumerate(indices):
@@ -124,6 +125,8 @@ def compare(
                     test = f"paired bootstrap ({iterations} resamples)"
                     if column.is_group:
                         kind = "size-weighted" if w else "equally weighted"
+                        if undecided:  # every run's group value fits both weightings (e.g. tasks of equal size)
+                            kind += ": the runs' group values fit either weighting, so the mean of tasks is used"
                         test = f"paired bootstrap ({iterations} resamples, {len(strata)} tasks {kind})"
                 found_pairs.append(Comparison(column, board.rows[i], board.rows[j], delta, p, test, docs))
         for comparison, adjusted in zip(found_pairs, holm([c.p for c in found_pairs]), strict=True):

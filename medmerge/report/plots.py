@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend switch, no global figure registry
 
 from medmerge.report.results import display_metric
@@ -31,6 +32,26 @@ class Figure:
     caption: str
 
 
+def model_colours(rows: list[Row]) -> dict[int, tuple[float, ...]]:
+    """A colour per row (by id): plain models in shades of blue, merges in shades of orange, so parents and
+    merges are told apart at a glance in every figure."""
+
+    merges = [r for r in rows if r.parent_refs]
+    plain = [r for r in rows if not r.parent_refs]
+    colours: dict[int, tuple[float, ...]] = {}
+    for family, members in (("Blues", plain), ("Oranges", merges)):
+        shades = colormaps[family]
+        for i, row in enumerate(members):
+            colours[id(row)] = shades(0.45 + 0.45 * i / max(1, len(members) - 1))
+    return colours
+
+
+def _fit_y(ax: Axes, tops: list[float], bottoms: list[float]) -> None:
+    """Scores live in [0, 1]; the axis widens where an error bar reaches beyond it, so no bar is cut off."""
+    low, high = min([0.0, *bottoms]), max([1.0, *tops])
+    ax.set_ylim(low - 0.02 if low < 0 else 0.0, high + 0.02)
+
+
 def _short(task: str) -> str:
     return task.removeprefix("medmerge_").replace("_", " ")
 
@@ -48,23 +69,27 @@ def task_bars(board: Leaderboard, out: Path) -> Figure | None:
     width = 0.8 / len(rows)
     fig = MplFigure(figsize=(max(6.0, 0.9 * len(columns) + 3), 4.8))
     ax = fig.subplots()
+    colours = model_colours(rows)
+    drawn = []
     for i, row in enumerate(rows):
         xs = [k + (i - (len(rows) - 1) / 2) * width for k, c in enumerate(columns) if c in row.cells]
         cells = [row.cells[c] for c in columns if c in row.cells]
+        drawn += cells
         ax.bar(
             xs,
             [c.mean for c in cells],
             width,
             yerr=[c.err or 0.0 for c in cells],
             capsize=2,
-            label=row.label,
+            color=colours[id(row)],
+            label=row.label + (" (merge)" if row.parent_refs else ""),
         )
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(
         [_short(c.task) + (" (avg)" if c.is_group else "") for c in columns], rotation=35, ha="right", fontsize=8
     )
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    _fit_y(ax, [c.mean + (c.err or 0) for c in drawn], [c.mean - (c.err or 0) for c in drawn])
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     ax.set_title("Accuracy per task" + _runs_note(board, columns))
@@ -73,7 +98,8 @@ def task_bars(board: Leaderboard, out: Path) -> Figure | None:
     return Figure(
         "tasks.png",
         "Accuracy per task",
-        f"One bar per model; error bars: {board.std} std over repeated runs, or lm-eval's stderr for a single run.",
+        f"One bar per model (plain models in blue, merges in orange); error bars: {board.std} std over repeated runs, "
+        "or lm-eval's stderr for a single run.",
     )
 
 
@@ -142,27 +168,29 @@ def _draw_pairings(
     most = max(len(members) for _, members in panels)
     fig = MplFigure(figsize=(max(7.0, 0.45 * most * len(slots) + 3.5), 2.9 * len(panels) + 0.7))
     axes = fig.subplots(len(panels), 1, squeeze=False)
-    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = model_colours(list({id(r): r for _, members in panels for r in members}.values()))
     for ax, (panel_title, members) in zip(axes[:, 0], panels, strict=True):
         width = 0.85 / (2 * len(members))
+        drawn = []
         for i, row in enumerate(members):
             for j, hatch in enumerate(("", "///")):
                 cells = [row.cells.get(by_task[slot[j]]) if slot[j] in by_task else None for slot in slots]
+                drawn += [c for c in cells if c]
                 ax.bar(
                     [k - 0.425 + (2 * i + j + 0.5) * width for k in range(len(slots))],
                     [c.mean if c else 0.0 for c in cells],
                     width,
                     yerr=[(c.err or 0.0) if c else 0.0 for c in cells],
                     capsize=1.5,
-                    color=colours[i % len(colours)],
+                    color=colours[id(row)],
                     hatch=hatch,
                     edgecolor="white" if hatch else None,
-                    label=row.label if not hatch else None,
+                    label=(row.label + (" (merge)" if row.parent_refs else "")) if not hatch else None,
                 )
         ax.set_xticks(range(len(slots)))
         ax.set_xticklabels([slot[2] for slot in slots], fontsize=8)
         ax.set_title(panel_title, fontsize=9)
-        ax.set_ylim(0, 1)
+        _fit_y(ax, [c.mean + (c.err or 0) for c in drawn], [c.mean - (c.err or 0) for c in drawn])
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.suptitle(f"{title}: plain (solid) vs truthful prompt (hatched)", fontsize=10)

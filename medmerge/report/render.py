@@ -14,6 +14,7 @@ from medmerge.report.plots import Figure
 from medmerge.report.table import Cell, Column, Leaderboard, Row, column_sections
 
 ALPHA = 0.05
+MIN_EFFECT = 0.001  # the smallest difference the report prints (three decimals): smaller ones are never marked
 
 
 @dataclass
@@ -46,8 +47,9 @@ def fmt_cell(cell: Cell | None) -> str:
 
 
 def fmt_delta(value: float) -> str:
-    # a tiny but real difference (mc2 of near-identical models) must not print as a signed zero
-    return f"{value:+.3f}" if value == 0 or abs(value) >= 0.0005 else f"{value:+.1e}"
+    """Three decimals, like every score: a difference below the last digit prints as +0.000 or -0.000 (its sign
+    kept) and is never marked significant (MIN_EFFECT)."""
+    return f"{value:+.3f}"
 
 
 def fmt_p(p: float) -> str:
@@ -62,7 +64,7 @@ def signed_delta(report: Report, column: Column, row: Row, other: Row) -> tuple[
 def _significance_mark(comparison: Comparison | None, row: Row) -> str:
     if comparison is None:
         return ""
-    winner = comparison.better(ALPHA)
+    winner = comparison.better(ALPHA, MIN_EFFECT)
     return "" if winner is None else ("*" if winner is row else "†")
 
 
@@ -126,7 +128,7 @@ def _markdown_table(report: Report, columns: list[Column], ranked: bool) -> list
     lines += [("|---:|---|---:|" if ranked else "|---|") + "---:|" * len(columns)]
     for row in board.rows:
         star = " ★" if ranked and board.headline and row.beats_all_parents(board.headline) else ""
-        cells = [fmt_cell(row.cells.get(c)) + (" ▲" if row.beats_all_parents(c) else "") for c in columns]
+        cells = [fmt_cell(row.cells.get(c)) + (" ↑" if row.beats_all_parents(c) else "") for c in columns]
         lead = f"| {row.rank or ''} | {row.label}{star} | {report.runs(row)} | " if ranked else f"| {row.label} | "
         lines.append(lead + " | ".join(cells) + " |")
     return lines
@@ -143,18 +145,19 @@ def legend(std: str) -> str:
         f"Cells: mean ± {STD_WORDS[std]} over repeated runs (few-shot sets or seeds; see runs), or ± lm-eval's "
         "stderr for a single run. BioInstructQA's exact_match is BioMistral's metric (the gold letter is the top "
         "token over the whole vocabulary); acc is the argmax over the option letters. ★: a merge better than every "
-        "one of its parents on the ranking column; ▲: on that column."
+        "one of its parents on the ranking column; ↑: on that column."
     )
 
 
 PARENTS_LEGEND = (
     "Δ = merge − parent (parents from the model card's base_model list, else the recipe in the model "
-    f"directory). * merge significantly better, † significantly worse (paired test, p < {ALPHA}, not adjusted)."
+    f"directory). * merge significantly better, † significantly worse (paired test, p < {ALPHA}, not adjusted, and "
+    f"|Δ| ≥ {MIN_EFFECT}: a smaller difference prints as ±0.000 and is never marked)."
 )
 MATRIX_LEGEND = (
     "Δ = row − column on the leaderboard means; p from McNemar's exact test (one run each, 0/1 scores) or a "
     f"paired bootstrap over documents (several runs, continuous scores, groups). * row significantly better, † "
-    f"worse (p < {ALPHA}); pairwise.csv also has Holm-adjusted p-values."
+    f"worse (p < {ALPHA} and |Δ| ≥ {MIN_EFFECT}); pairwise.csv also has Holm-adjusted p-values."
 )
 
 
@@ -212,6 +215,7 @@ def write_html(report: Report, out: Path) -> None:
         fmt_p=fmt_p,
         signed_delta=signed_delta,
         alpha=ALPHA,
+        min_effect=MIN_EFFECT,
         legend=legend(report.board.std),
         parents_legend=PARENTS_LEGEND,
         matrix_legend=MATRIX_LEGEND,

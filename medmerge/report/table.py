@@ -13,6 +13,7 @@ from pathlib import Path
 
 from medmerge.report.parents import find_parents, same_model
 from medmerge.report.results import Run, display_metric, newest_per_seed
+from medmerge_common.errors import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,10 @@ def build_leaderboard(
     if rank_by is not None:
         matches = [c for c in columns if rank_by in (c.label, c.task, f"{c.task} {display_metric(c.metric)}")]
         if not matches:
-            raise ValueError(f"--rank-by {rank_by!r} is not a column; columns: {', '.join(c.label for c in columns)}")
+            labels = [c.label for c in columns]
+            raise ValueError(
+                f"--rank-by '{rank_by}' is not a column{did_you_mean(rank_by, labels)}; columns: {', '.join(labels)}"
+            )
         headline = matches[0]
     if headline is not None:
         sign = 1 if headline.higher_is_better else -1

@@ -295,6 +295,9 @@ TASK_VECTOR_METHODS = (
     ),
 )
 
+# mergekit 0.1.5's methods that medmerge does not have yet: a recipe naming one is told so (#11 tracks them).
+MERGEKIT_METHODS_NOT_YET = ("nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "ram", "ramplus_tl")
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (

@@ -87,6 +87,14 @@ parameters:
     assert "model.layers.3.self_attn.q_proj.weight  [position 1.000]  t=1  <-" in out
     assert "model.embed_tokens.weight  [position 0.000]  t=0.5  <-" in out
     assert not (tmp_path / "out").exists()
+    assert main(["merge", str(path), "--dry-run"]) == 0  # no OUT_DIR needed to check a recipe
+    assert capsys.readouterr().out == out
+
+
+def test_out_dir_is_needed_without_dry_run(write_recipe, tmp_path, capsys) -> None:
+    path = write_recipe("merge_method: linear\nmodels:\n  - model: a/b\n")
+    assert main(["merge", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("medmerge: error: give OUT_DIR")
 
 
 def test_merge_then_overwrite_guard(tiny, write_recipe, tmp_path) -> None:

@@ -53,6 +53,12 @@ def test_unknown_method_suggests(write_recipe) -> None:
     assert line.startswith(f"{path}:1: merge_method: unknown merge method 'slurp' (did you mean 'slerp'?)")
 
 
+def test_mergekit_method_we_lack_is_named_as_such(write_recipe) -> None:
+    path = write_recipe("merge_method: karcher\nmodels:\n  - model: a/b\n  - model: c/d\n")
+    [line] = problems(path)
+    assert line.startswith(f"{path}:1: merge_method: mergekit method 'karcher' is not supported yet; supported: ")
+
+
 def test_parameter_typo_and_density_range_and_missing_weight_all_reported(write_recipe) -> None:
     path = write_recipe(f"""\
 merge_method: ties

@@ -79,6 +79,8 @@ def test_rank_by_an_unknown_column_lists_the_columns(tmp_path: Path) -> None:
     write(tmp_path, "a", "org/model", 0.40, 1)
     with pytest.raises(ValueError, match="columns: task_a acc"):
         build_leaderboard(*read_runs([tmp_path]), rank_by="nope")
+    with pytest.raises(ValueError, match=r"'task_a accc' is not a column \(did you mean 'task_a acc'\?\)"):
+        build_leaderboard(*read_runs([tmp_path]), rank_by="task_a accc")
 
 
 def test_std_of_repeated_runs_is_the_papers_population_std_unless_sample_is_asked(tmp_path: Path) -> None:

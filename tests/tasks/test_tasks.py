@@ -107,9 +107,10 @@ def test_golden_truthfulqa_mcq_prompts_plain_and_truthful_with_and_without_the_e
     row = [r for r in sources.truthfulqa_health_rows() if r["category"] == "Nutrition"][1]
     plain = sources.truthfulqa_mcq_docs("Nutrition", truthful=False)[1]
     truthful = sources.truthfulqa_mcq_docs("Nutrition", truthful=True)[1]
-    choices = row["mc1_targets"]["choices"]  # [true, false, "I have no comment"] in the fixture
-    assert plain["permutation"] == truthful["permutation"] == [1, 2, 0]  # pinned: a new order is a new version
-    options = " \n ".join(f"({letter}) {choices[i]}" for letter, i in zip("ABC", plain["permutation"]))
+    choices = row["mc1_targets"]["choices"]  # [best, incorrect x 3] in the fixture
+    assert sources.mcq_order("Is claim 3 about nutrition true?", 3) == [1, 2, 0]  # pinned: a new order is a new version
+    assert plain["permutation"] == truthful["permutation"] == [2, 0, 3, 1]
+    options = " \n ".join(f"({letter}) {choices[i]}" for letter, i in zip("ABCD", plain["permutation"]))
     target = f"**Question:** {row['question']} \n {options} \n **Answer:**("
     example = (
         "**Question:** What is human life expectancy in the United States? \n "
@@ -124,7 +125,7 @@ def test_golden_truthfulqa_mcq_prompts_plain_and_truthful_with_and_without_the_e
         f"{instruction}{truthful_instruction} \n {target}",
         f"{instruction}{truthful_instruction} \n {example} \n {target}",
     ]
-    assert plain["choices"] == ["A", "B", "C"] and plain["gold"] == 2 and plain["gold_letter"] == "C"
+    assert plain["choices"] == ["A", "B", "C", "D"] and plain["gold"] == 1 and plain["gold_letter"] == "B"
     assert choices[plain["permutation"][plain["gold"]]] == row["mc1_targets"]["choices"][0]
 
 
