@@ -5,9 +5,9 @@
 Builds (once, under --work) a synthetic Mistral-shaped checkpoint — hidden 2048, 16 layers, intermediate
 5632, vocab 32000, bf16 — and two "fine-tunes" (base + small noise), then times linear, slerp (gradient
 t), ties, dare_ties, breadcrumbs_ties and della (density 0.5, weight 0.5), model_stock and nearswap with each
-tool in a fresh process, reporting wall time
-and peak RSS (from /usr/bin/time). The page cache is warmed before every run so both tools read the
-inputs from memory. Prints a Markdown table for benchmarks/RESULTS.md.
+tool in a fresh process, reporting wall time and peak RSS (from /usr/bin/time). The page cache is warmed
+before every run so both tools read the inputs from memory. Prints a Markdown table for
+benchmarks/RESULTS.md; --only picks methods.
 """
 
 from __future__ import annotations
