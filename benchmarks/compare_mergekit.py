@@ -56,6 +56,7 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
         {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
         {"model": ft2, "parameters": {"weight": 0.3, "density": 0.7}},
     ]
+    weighted_ft = [{"model": ft1, "parameters": {"weight": 0.7}}, {"model": ft2, "parameters": {"weight": 0.4}}]
     layers = 4
     return {
         "linear": {"merge_method": "linear", "models": three, "dtype": "bfloat16"},
@@ -173,6 +174,90 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
             "models": two_ft,
             "dtype": "float32",
             "out_dtype": "float16",
+        },
+        "nuslerp_flatten": {
+            "merge_method": "nuslerp",
+            "models": weighted_ft,
+            "dtype": "bfloat16",
+        },
+        "nuslerp_rows_base_fp32": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": weighted_ft,
+            "parameters": {"nuslerp_flatten": False},
+            "dtype": "float32",
+        },
+        "nuslerp_columns_base": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": weighted_ft,
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "dtype": "bfloat16",
+        },
+        "multislerp_three": {
+            "merge_method": "multislerp",
+            "models": three,
+            "dtype": "bfloat16",
+        },
+        "multislerp_base_fp32": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": weighted_ft,
+            "parameters": {"normalize_weights": False},
+            "dtype": "float32",
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "dtype": "bfloat16",
+        },
+        "karcher_fp32_iter3": {
+            "merge_method": "karcher",
+            "models": [{"model": ft1}, {"model": ft2}],
+            "parameters": {"max_iter": 3, "tol": 1e-7},
+            "dtype": "float32",
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "dtype": "bfloat16",
+        },
+        "sce_topk_fp32": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "parameters": {"select_topk": 0.3},
+            "dtype": "float32",
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "parameters": {"epsilon": 0.03},
+            "dtype": "bfloat16",
+        },
+        "ramplus_tl_fp32": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "parameters": {"epsilon": 0.03, "r": 0.5, "alpha": 0.4},
+            "dtype": "float32",
+        },
+        "ramplus_tl_bf16": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "parameters": {"epsilon": 0.03},
+            "dtype": "bfloat16",
+            "out_dtype": "bfloat16",  # as for arcee_fusion: mergekit's λ is float32, so it would write float32
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}],
+            "dtype": "bfloat16",
+            "out_dtype": "bfloat16",  # without it mergekit writes float32 (its mask is float32); medmerge bf16
         },
     }
 

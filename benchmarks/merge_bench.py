@@ -4,10 +4,11 @@
 
 Builds (once, under --work) a synthetic Mistral-shaped checkpoint — hidden 2048, 16 layers, intermediate
 5632, vocab 32000, bf16 — and two "fine-tunes" (base + small noise), then times linear, slerp (gradient
-t), ties, dare_ties, breadcrumbs_ties and della (density 0.5, weight 0.5), model_stock and nearswap with each
-tool in a fresh process, reporting wall time and peak RSS (from /usr/bin/time). The page cache is warmed
-before every run so both tools read the inputs from memory. Prints a Markdown table for
-benchmarks/RESULTS.md; --only picks methods.
+t), ties, dare_ties, breadcrumbs_ties and della (density 0.5, weight 0.5), model_stock, nearswap, nuslerp (per
+row, about the base), multislerp, karcher, sce, ram, ramplus_tl and arcee_fusion with each tool in a fresh
+process, reporting wall time and peak RSS (from /usr/bin/time). The page cache is warmed before every run so
+both tools read the inputs from memory. Prints a Markdown table for benchmarks/RESULTS.md; --only picks
+methods.
 """
 
 from __future__ import annotations
@@ -156,6 +157,35 @@ def recipes(d: dict[str, Path]) -> dict[str, dict]:
             "base_model": base,
             "dtype": "bfloat16",
             "parameters": {"t": 0.001},
+            "models": [{"model": base}, {"model": ft1}],
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "parameters": {"nuslerp_flatten": False},
+            "models": [{"model": ft1, "parameters": {"weight": 0.6}}, {"model": ft2, "parameters": {"weight": 0.4}}],
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "dtype": "bfloat16",
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, ft1, ft2)],
+        },
+        "karcher": {"merge_method": "karcher", "dtype": "bfloat16", "models": [{"model": m} for m in (base, ft1, ft2)]},
+        **{
+            method: {
+                "merge_method": method,
+                "base_model": base,
+                "dtype": "bfloat16",
+                "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            }
+            for method in ("sce", "ram", "ramplus_tl")
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "out_dtype": "bfloat16",
             "models": [{"model": base}, {"model": ft1}],
         },
     }

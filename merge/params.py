@@ -74,7 +74,8 @@ def evaluate(setting: Any, tensor_name: str, t: float, kind: type) -> Any:
         i0 = int(scaled)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * values[i0] + frac * values[i1]
+        value = (1 - frac) * values[i0] + frac * values[i1]
+        return round(value) if kind is int else value
     for entry in setting:
         name_filter = entry.get("filter")
         if name_filter is None or name_filter == "*" or name_filter in tensor_name:
@@ -83,7 +84,8 @@ def evaluate(setting: Any, tensor_name: str, t: float, kind: type) -> Any:
 
 
 def convert(value: Any, kind: type) -> Any:
-    """YAML scalar -> float or bool, as the parameter's type asks (strings like '1e-3' are numbers)."""
+    """YAML scalar -> float, int or bool, as the parameter's type asks (strings like '1e-3' are numbers; an int
+    parameter takes whole numbers, and a gradient of them is rounded to the nearest at each layer)."""
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -104,6 +106,10 @@ def convert(value: Any, kind: type) -> Any:
         raise ValueError(f"{value!r} is beyond float32's range (±3.4e38), in which merges compute")
     if 0 < abs(number) < FLOAT32_TINY:
         raise ValueError(f"{value!r} is too small for float32 arithmetic (use 0 or a number above 1.2e-38)")
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(number)
     return number
 
 

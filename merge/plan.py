@@ -192,7 +192,7 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
 
     if recipe.models:
         entries = [(m.model, m.parameters, ("models", i, "model")) for i, m in enumerate(recipe.models)]
-        if method.needs_base and recipe.base_model not in [e[0] for e in entries]:
+        if method.takes_base and recipe.base_model and recipe.base_model not in [e[0] for e in entries]:
             entries.append((recipe.base_model, None, ("base_model",)))
         counts = {ref: layers_of(ref, path) for ref, _, path in entries}
         if len(set(counts.values())) > 1:

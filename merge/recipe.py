@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medmerge_common.errors import Problem, UserError, did_you_mean
-from merge.methods import MERGEKIT_METHODS_NOT_YET, METHODS, REQUIRED, Method
+from merge.methods import METHODS, REQUIRED, Method
 from merge.params import check_setting, convert
 from merge.yamlfile import Path_, field_name, line_of, parse_yaml, read_text, validate_model
 
@@ -128,12 +128,6 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
     def problem(message: str, *path: str | int) -> None:
         out.append(Problem(message, **r.where(*path)))
 
-    if r.merge_method in MERGEKIT_METHODS_NOT_YET:
-        problem(
-            f"mergekit method '{r.merge_method}' is not supported yet; supported: {', '.join(METHODS)}",
-            "merge_method",
-        )
-        return out, warnings
     if r.merge_method not in METHODS:
         problem(
             f"unknown merge method '{r.merge_method}'{did_you_mean(r.merge_method, METHODS)}; "
@@ -170,7 +164,7 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
     groups: list[tuple[list[str], str | None, tuple]] = []
     if r.models:
         refs = [m.model for m in r.models]
-        if r.base_model and method.needs_base and r.base_model not in refs:
+        if r.base_model and method.takes_base and r.base_model not in refs:
             refs.append(r.base_model)
         groups.append((refs, r.base_model, ("models",)))
     for i, s in enumerate(r.slices or []):
@@ -186,16 +180,19 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
                     f"model '{ref}' is listed twice here (first as item {refs.index(ref)}); list each input once", *item
                 )
     for refs, base, path in groups:
-        n = len(set(refs))
-        if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+        n = len(set(refs) - ({base} if method.takes_base else set()))
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
             wanted = (
-                f"exactly {method.min_inputs}"
-                if method.min_inputs == method.max_inputs
-                else f"at most {method.max_inputs}"
-                if method.max_inputs
-                else f"at least {method.min_inputs}"
+                f"exactly {method.min_models}"
+                if method.min_models == method.max_models
+                else f"{method.min_models} to {method.max_models}"
+                if method.max_models and method.min_models > 1
+                else f"at most {method.max_models}"
+                if method.max_models
+                else f"at least {method.min_models}"
             )
-            problem(f"{method.name} takes {wanted} model(s) (base included), got {n}", *path)
+            besides = " besides the base" if method.takes_base else ""
+            problem(f"{method.name} takes {wanted} model(s){besides}, got {n}", *path)
         if method.needs_base and base and base not in refs:
             problem(f"the base model '{base}' must be one of the inputs here", *path)
 

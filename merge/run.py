@@ -19,7 +19,7 @@ from merge.io.checkpoint import Checkpoint
 from merge.io.hub import local_dir, open_model
 from merge.io.writer import ShardedWriter
 from merge.methods import MergeCall
-from merge.methods.common import BLOCK
+from merge.methods.common import BLOCK, MergeError
 from merge.plan import MergePlan, TensorJob, build_plan
 from merge.recipe import Recipe, load_recipe
 
@@ -90,7 +90,10 @@ def merge_tensor(
     if job.copy_only:
         return inputs[0]
     call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], rng)
-    return plan.recipe.method.apply(call).to(job.output.dtype)
+    try:
+        return plan.recipe.method.apply(call).to(job.output.dtype)
+    except MergeError as exc:
+        raise UserError(f"{plan.recipe.method.name} cannot merge tensor '{job.output.name}': {exc}") from None
 
 
 def run_merge(

@@ -17,11 +17,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from merge.methods.arcee_fusion import arcee_fusion
 from merge.methods.linear import linear
 from merge.methods.model_stock import model_stock
 from merge.methods.nearswap import nearswap
 from merge.methods.passthrough import passthrough
+from merge.methods.ram import ram
+from merge.methods.sce import sce
 from merge.methods.slerp import slerp
+from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
     bernoulli_masks,
     magnitude_prune,
@@ -57,7 +61,7 @@ class Param:
     """A recipe parameter. `per_model` ones are read from each source (the base never gets NON-base ones)."""
 
     name: str
-    type: type  # float or bool
+    type: type  # float, int or bool
     default: Any = REQUIRED
     per_model: bool = False
     base_too: bool = False  # per-model parameter that the base model also takes (linear's weight)
@@ -75,10 +79,16 @@ class MergeCall:
     model_params: list[dict[str, Any]]
     rng: np.random.Generator | None = None  # random methods only: seeded by (seed, tensor name) by the runner
 
-    def base_and_others(self) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
-        assert self.base_index is not None
+    def split(self) -> tuple[torch.Tensor | None, list[torch.Tensor], list[dict[str, Any]]]:
+        """(the base or None, the other inputs, their parameters)."""
         others = [i for i in range(len(self.tensors)) if i != self.base_index]
-        return self.tensors[self.base_index], [self.tensors[i] for i in others], [self.model_params[i] for i in others]
+        base = None if self.base_index is None else self.tensors[self.base_index]
+        return base, [self.tensors[i] for i in others], [self.model_params[i] for i in others]
+
+    def base_and_others(self) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
+        base, others, params = self.split()
+        assert base is not None
+        return base, others, params
 
 
 Check = Callable[[dict[str, Any], list[dict[str, Any]]], str | None]  # (shared, per-model params) -> problem
@@ -91,14 +101,24 @@ class Method:
     apply: Callable[[MergeCall], torch.Tensor]
     params: tuple[Param, ...] = ()
     paper: str = ""  # where the method is defined (model card, README)
-    needs_base: bool = False
-    min_inputs: int = 1  # inputs counting the base
-    max_inputs: int | None = None
+    # "required": the merge is relative to the base; "optional": a recipe's base_model, when it names one, is
+    # an input (added if not listed, as mergekit does); "none": the base is an ordinary model, if listed
+    base: Literal["required", "optional", "none"] = "none"
+    min_models: int = 1  # inputs besides the base
+    max_models: int | None = None
     random: bool = False  # the runner hands `apply` a generator seeded by (seed, tensor name): MergeCall.rng
     check: Check | None = None  # a tensor's resolved parameters that cannot be merged: the plan reports it
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    @property
+    def takes_base(self) -> bool:
+        return self.base != "none"
 
 
 def normalizable(shared: dict[str, Any], per_model: list[dict[str, Any]]) -> str | None:
@@ -126,6 +146,38 @@ def _nearswap(c: MergeCall) -> torch.Tensor:
 def _model_stock(c: MergeCall) -> torch.Tensor:
     base, others, _ = c.base_and_others()
     return model_stock(base, others, filter_wise=c.params["filter_wise"])
+
+
+def _nuslerp(c: MergeCall) -> torch.Tensor:
+    base, (a, b), per_model = c.split()
+    t = nuslerp_t([p["weight"] for p in per_model])
+    shape = {"flatten": c.params["nuslerp_flatten"], "columns": c.params["nuslerp_row_wise"]}
+    return nuslerp(t, a, b, **shape) if base is None else base + nuslerp(t, a - base, b - base, **shape)
+
+
+def _multislerp(c: MergeCall) -> torch.Tensor:
+    base, others, per_model = c.split()
+    weights = [p["weight"] for p in per_model]
+    return multislerp(others, weights, base, c.params["normalize_weights"], c.params["eps"])
+
+
+def _karcher(c: MergeCall) -> torch.Tensor:
+    return karcher_mean(c.tensors, c.params["max_iter"], c.params["tol"])  # the base, if any, is one more point
+
+
+def _sce(c: MergeCall) -> torch.Tensor:
+    base, others, _ = c.base_and_others()
+    return sce(base, others, c.params["select_topk"])
+
+
+def _arcee_fusion(c: MergeCall) -> torch.Tensor:
+    base, (other,), _ = c.base_and_others()
+    return arcee_fusion(base, other)
+
+
+def _ram(plus: bool, c: MergeCall) -> torch.Tensor:
+    base, others, _ = c.base_and_others()
+    return ram(base, others, c.params["epsilon"], (c.params["r"], c.params["alpha"]) if plus else None)
 
 
 def _passthrough(c: MergeCall) -> torch.Tensor:
@@ -244,7 +296,7 @@ def task_vector_method(
         partial(_task_vectors, sparsification, consensus),
         _task_vector_params(sparsification, normalize, rescale),
         paper=paper,
-        needs_base=True,
+        base="required",
         random=sparsification in ("random", "della"),
         check=_della_epsilon if sparsification == "della" else normalizable,
     )
@@ -295,8 +347,10 @@ TASK_VECTOR_METHODS = (
     ),
 )
 
-# mergekit 0.1.5's methods that medmerge does not have yet: a recipe naming one is told so (#11 tracks them).
-MERGEKIT_METHODS_NOT_YET = ("nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "ram", "ramplus_tl")
+RAM = "https://arxiv.org/abs/2601.13572"
+RAM_EPSILON = Param(
+    "epsilon", float, 1e-5, doc="a task-vector entry counts as changed when |τ| exceeds it", bounds=Bounds(0, 1e30)
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -322,9 +376,8 @@ METHODS: dict[str, Method] = {
                 ),
             ),
             paper="https://en.wikipedia.org/wiki/Slerp",
-            needs_base=True,
-            min_inputs=2,
-            max_inputs=2,
+            base="required",
+            max_models=1,
         ),
         Method(
             "nearswap",
@@ -332,9 +385,8 @@ METHODS: dict[str, Method] = {
             _nearswap,
             (Param("t", float, doc="distance below which the other model's value is taken", bounds=Bounds(0, 1e30)),),
             paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-            needs_base=True,
-            min_inputs=2,
-            max_inputs=2,
+            base="required",
+            max_models=1,
         ),
         Method(
             "model_stock",
@@ -342,16 +394,98 @@ METHODS: dict[str, Method] = {
             _model_stock,
             (Param("filter_wise", bool, False, doc="one angle per row instead of per tensor"),),
             paper="https://arxiv.org/abs/2403.19522",
-            needs_base=True,
-            min_inputs=3,
+            base="required",
+            min_models=2,
+        ),
+        Method(
+            "nuslerp",
+            "SLERP of two models' whole tensors, rows or columns, about the origin or the base (t from weights)",
+            _nuslerp,
+            (
+                Param("weight", float, per_model=True, doc="t = w_2 / (w_1 + w_2), 0.5 when they sum to zero"),
+                Param("nuslerp_flatten", bool, True, doc="one angle per tensor (else one per row or column)"),
+                Param("nuslerp_row_wise", bool, False, doc="without flatten: one angle per column v[:, j]"),
+            ),
+            paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp",
+            base="optional",
+            min_models=2,
+            max_models=2,
+        ),
+        Method(
+            "multislerp",
+            "barycentric interpolation of N models on the hypersphere, about the origin or the base",
+            _multislerp,
+            (
+                Param("weight", float, per_model=True, doc="this model's share of the barycentre"),
+                Param("normalize_weights", bool, True, doc="divide the weights by their sum"),
+                Param("eps", float, 1e-8, doc="added to norms before dividing", bounds=Bounds(0, 1, low_open=True)),
+            ),
+            paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            base="optional",
+        ),
+        Method(
+            "karcher",
+            "Karcher (Riemannian) mean of the models' directions, at their mean norm",
+            _karcher,
+            (
+                Param("max_iter", int, 10, doc="fixed-point iterations at most", bounds=Bounds(0, 1000)),
+                Param("tol", float, 1e-5, doc="stop when the step is shorter than this", bounds=Bounds(0, 1)),
+            ),
+            paper="https://arxiv.org/abs/2603.04972",
+            base="optional",
         ),
         *TASK_VECTOR_METHODS,
+        Method(
+            "sce",
+            "SCE: select high-variance entries, weight task vectors by their energy, erase minority signs",
+            _sce,
+            (
+                Param(
+                    "select_topk",
+                    float,
+                    1.0,
+                    doc="fraction of entries kept by variance across the models (1 keeps all)",
+                    bounds=Bounds(0, 1),
+                ),
+                Param("int8_mask", bool, False, doc="accepted for mergekit recipes; masks are always compact here"),
+            ),
+            paper="https://arxiv.org/abs/2408.07990",
+            base="required",
+        ),
+        Method(
+            "ram",
+            "RAM: an entry one model changed takes its change, an entry several changed their mean",
+            partial(_ram, False),
+            (RAM_EPSILON,),
+            paper=RAM,
+            base="required",
+        ),
+        Method(
+            "ramplus_tl",
+            "RAM+: RAM with each model's unique changes boosted by how much it shares (per tensor)",
+            partial(_ram, True),
+            (
+                Param("r", float, 0.1, doc="boost per unit of the shared/unique ratio", bounds=Bounds(0, 1e30)),
+                Param("alpha", float, 0.2, doc="the shared/unique ratio's clamp, [0, alpha]", bounds=Bounds(0, 1e30)),
+                RAM_EPSILON,
+            ),
+            paper=RAM,
+            base="required",
+        ),
+        Method(
+            "arcee_fusion",
+            "Arcee Fusion: take the other model's change where its importance is an outlier",
+            _arcee_fusion,
+            paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
+            base="required",
+            max_models=1,
+        ),
         Method(
             "passthrough",
             "copy one model's tensors (layer stacking with slices)",
             _passthrough,
             (Param("scale", float, None, per_model=True, base_too=True),),
-            max_inputs=1,
+            max_models=1,
         ),
     )
 }

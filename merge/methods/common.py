@@ -14,3 +14,7 @@ BLOCK = 1 << 20
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are combined in float32 (float64 stays float64) so rounding happens once."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class MergeError(ValueError):
+    """Inputs a method cannot merge, found only once the tensors are read (the runner names the tensor)."""

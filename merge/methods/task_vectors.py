@@ -38,7 +38,7 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     flat = delta.reshape(-1)
     if flat.element_size() != 2:
-        return (flat * _top_k_mask_by_value(flat.abs(), k)).reshape(delta.shape)
+        return (flat * top_k_mask(flat.abs(), k)).reshape(delta.shape)
     # Non-negative 16-bit floats order like their bit patterns: a 32768-bin histogram of |τ| gives the
     # threshold pattern and how many entries lie strictly above it.
     at_least = _magnitude_counts(flat).flip(0).cumsum(0).flip(0)  # at_least[b] = #entries with bits >= b
@@ -57,7 +57,7 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     return out.reshape(delta.shape)
 
 
-def _top_k_mask_by_value(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries of a float32/float64 `magnitude`, ties towards lower indices."""
     threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
     above = magnitude > threshold

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from medmerge.cli import main, parse_size
+from merge.methods import METHODS
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -36,8 +37,7 @@ def test_bad_recipe_is_one_line_exit_2_no_traceback_no_output(write_recipe, tmp_
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"medmerge: error: {path}:1: merge_method: unknown merge method 'tiess' (did you mean 'ties'?); "
-        "known: linear, slerp, nearswap, model_stock, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
-        "breadcrumbs_ties, della, della_linear, passthrough"
+        f"known: {', '.join(METHODS)}"
     ]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 

@@ -41,6 +41,7 @@ def seed_recipes(tiny: dict[str, Path]) -> list[dict]:
     base, ft1, ft2 = (str(tiny[k]) for k in ("base", "ft1", "ft2"))
     task_vector = [{"model": base}, {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
                    {"model": ft2, "parameters": {"weight": 0.5, "density": 0.7}}]  # fmt: skip
+    plain = [{"model": base}, {"model": ft1}, {"model": ft2}]
     return [
         {"merge_method": "linear", "models": [{"model": ft1, "parameters": {"weight": 0.3}},
                                               {"model": ft2, "parameters": {"weight": 0.7}}], "dtype": "float32"},
@@ -60,6 +61,14 @@ def seed_recipes(tiny: dict[str, Path]) -> list[dict]:
          "models": [{"model": base}, {"model": ft1}, {"model": ft2}]},
         {"merge_method": "nearswap", "base_model": base, "models": [{"model": base}, {"model": ft2}],
          "parameters": {"t": 0.01}},
+        {"merge_method": "nuslerp", "base_model": base, "models": [{"model": ft1, "parameters": {"weight": 0.4}},
+         {"model": ft2, "parameters": {"weight": 0.6}}], "parameters": {"nuslerp_flatten": False}},
+        {"merge_method": "multislerp", "models": [{"model": ft1, "parameters": {"weight": 0.4}},
+         {"model": ft2, "parameters": {"weight": 0.6}}, {"model": base, "parameters": {"weight": 0.2}}]},
+        {"merge_method": "karcher", "models": [{"model": ft1}, {"model": ft2}], "parameters": {"max_iter": 5}},
+        {"merge_method": "sce", "base_model": base, "models": plain, "parameters": {"select_topk": 0.5}},
+        {"merge_method": "ramplus_tl", "base_model": base, "models": plain, "parameters": {"r": 0.3}},
+        {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": base}, {"model": ft1}]},
     ]  # fmt: skip
 
 
@@ -80,7 +89,10 @@ def mutate(recipes: list[dict], rng: random.Random) -> str:
         parent = _parent(recipe, path)
         numbers = [q for q in paths if isinstance(_parent(recipe, q)[q[-1]], (int, float))]
         kind = rng.random()
-        if kind < 0.35 and numbers:  # the numbers are where NaN outputs come from
+        if kind < 0.1 and numbers:  # a nearby value: merges that run, with parameters no seed has
+            number = rng.choice(numbers)
+            _parent(recipe, number)[number[-1]] *= rng.choice([0.5, 0.9, 1.1])
+        elif kind < 0.35 and numbers:  # the numbers are where NaN outputs come from
             number = rng.choice(numbers)
             _parent(recipe, number)[number[-1]] = rng.choice(ODD_NUMBERS)
         elif kind < 0.55:

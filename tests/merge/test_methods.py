@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from merge.methods import METHODS, REQUIRED, MergeCall
-from merge.methods.common import BLOCK
+from merge.methods.arcee_fusion import arcee_fusion
+from merge.methods.common import BLOCK, MergeError
 from merge.methods.linear import linear
 from merge.methods.model_stock import model_stock
 from merge.methods.nearswap import nearswap
 from merge.methods.passthrough import passthrough
+from merge.methods.ram import ram
+from merge.methods.sce import sce
 from merge.methods.slerp import slerp
+from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
     _exact_sum,
     _magnitude_counts,
@@ -335,3 +339,88 @@ def test_model_stock_angle_hand_computed() -> None:
 def test_every_method_names_its_paper_and_random_methods_take_a_generator() -> None:
     assert all(m.paper for m in METHODS.values() if m.name != "passthrough")
     assert {m.name for m in METHODS.values() if m.random} == {"dare_linear", "dare_ties", "della", "della_linear"}
+
+
+def test_nuslerp_whole_tensor_is_slerp_and_rows_get_their_own_angle() -> None:
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    assert torch.allclose(nuslerp(0.3, a, b), slerp(0.3, a, b))
+    rows = nuslerp(0.5, a, b, flatten=False)
+    h = math.sqrt(0.5)  # row 0: 90 degrees apart, midway = (h, h); row 1: colinear, lerp = 1.5
+    assert torch.allclose(rows, torch.tensor([[h, h], [1.5, 0.0]]))
+    columns = nuslerp(0.5, a.T, b.T, flatten=False, columns=True)
+    assert torch.allclose(columns, rows.T)  # a column of x is a row of x.T
+    assert nuslerp_t([0.7, 0.3]) == pytest.approx(0.3) and nuslerp_t([1.0, -1.0]) == 0.5
+
+
+def test_nuslerp_about_a_base_interpolates_the_task_vectors() -> None:
+    base = torch.tensor([5.0, 5.0])
+    out = merged("nuslerp", base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 1.0])], [1.0, 1.0])
+    h = math.sqrt(0.5)
+    assert torch.allclose(out, base + torch.tensor([h, h]))
+
+
+def test_multislerp_hand_computed_and_its_degenerate_cases() -> None:
+    e1, e2 = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    # units e1, e2; mean direction (1,1)/√2; tangent parts cancel -> exactly the mean direction, norm 2
+    assert torch.allclose(multislerp([e1, e2], [1.0, 1.0]), torch.tensor([math.sqrt(2), math.sqrt(2)]))
+    assert torch.equal(multislerp([e1], [1.0]), e1)
+    # opposed with equal weights: no mean direction; two inputs fall back to the weighted sum, three refuse
+    assert torch.allclose(multislerp([e1, -e1], [1.0, 1.0]), torch.zeros(2))
+    with pytest.raises(MergeError, match="weighted mean of the models' directions is zero"):
+        multislerp([e1, -e1, torch.zeros(2)], [1.0, 1.0, 0.0])
+
+
+def test_karcher_mean_of_two_is_their_slerp_midpoint_and_of_three_the_symmetric_point() -> None:
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 3.0, 0.0])
+    h = math.sqrt(0.5)
+    assert torch.allclose(karcher_mean([a, b]), 2.0 * torch.tensor([h, h, 0.0]), atol=1e-6)  # mean norm 2
+    three = karcher_mean([torch.eye(3)[i] for i in range(3)], max_iter=50, tol=1e-9)
+    assert torch.allclose(three, torch.full((3,), 1 / math.sqrt(3)), atol=1e-6)
+    assert torch.equal(karcher_mean([torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+    assert torch.allclose(karcher_mean([a, torch.zeros(3)]), 0.5 * a)  # a zero input has no direction: a's, norm halved
+
+
+def test_sce_weights_by_energy_and_erases_minority_signs() -> None:
+    base = torch.zeros(4)
+    x1, x2 = torch.tensor([2.0, 2.0, -1.0, 0.0]), torch.tensor([1.0, -1.0, -1.0, 0.0])
+    # energies mean(τ²) = 9/4 and 3/4 -> η = 0.75, 0.25; sign sums 3, 1, -2, 0 (0 counts as +)
+    # entry 1: x2's -1 is erased -> 2; entry 2: both agree -> -1; entry 3: no votes -> 0
+    assert torch.allclose(sce(base, [x1, x2]), torch.tensor([(0.75 * 2 + 0.25 * 1) / 1.0, 2.0, -1.0, 0.0]))
+    # variances 0.25, 2.25, 0, 0: select_topk 0.5 of the 2 nonzero -> k = 1, only entry 1 survives
+    assert torch.allclose(sce(base, [x1, x2], select_topk=0.5), torch.tensor([0.0, 2.0, 0.0, 0.0]))
+
+
+def test_ram_takes_unique_changes_whole_and_averages_shared_ones() -> None:
+    base = torch.zeros(4)
+    x1, x2 = torch.tensor([1.0, 2.0, 0.0, 1e-6]), torch.tensor([0.0, 4.0, 3.0, 0.0])
+    assert torch.equal(ram(base, [x1, x2]), torch.tensor([1.0, 3.0, 3.0, 0.0]))
+    # RAM+: model 1 shares 1 entry, owns 1 -> ρ 1 -> λ 1 + 0.5·min(1, 0.4) = 1.2; model 2 the same
+    plus = ram(base, [x1, x2], plus=(0.5, 0.4))
+    assert torch.allclose(plus, torch.tensor([1.2, 3.0, 3.6, 0.0]))
+    assert plus.dtype == torch.float32
+
+
+def test_arcee_fusion_keeps_only_the_outlying_changes() -> None:
+    base = torch.zeros(1, 9)
+    other = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 5.0]])
+    fused = arcee_fusion(base, other)
+    # one row: one KL factor; scores ∝ |Δ|, quartiles 0.1, 0.1, 0.1 -> threshold 0.1·KL, every entry reaches it
+    assert torch.allclose(fused, other)
+    other2 = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 5.0]])
+    fused2 = arcee_fusion(base, other2)  # Q1 0.3, Q2 0.5, Q3 0.7 -> threshold 1.1 (× KL): only 5.0 passes
+    assert torch.allclose(fused2, torch.tensor([[0.0] * 8 + [5.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_arcee_fusion_quartiles_are_the_sorted_entries_at_floor_ranks(dtype: torch.dtype) -> None:
+    from merge.methods.arcee_fusion import _lower_quartiles
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 9, 10_001):
+        x = (torch.randn(n, generator=generator) * 3).to(dtype)
+        x[: n // 7] = 0.0  # ties, and a negative zero
+        x[n // 2] = -0.0
+        ranks = ((n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4)
+        expected = [torch.sort(x.double()).values[r].item() for r in ranks]
+        got = _lower_quartiles(x)
+        assert [q.item() for q in got] == expected and all(q.dtype == dtype for q in got)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from medmerge_common.errors import UserError
+from merge.methods import METHODS
 from merge.recipe import load_recipe
 
 BASE = "org/base"
@@ -53,10 +54,20 @@ def test_unknown_method_suggests(write_recipe) -> None:
     assert line.startswith(f"{path}:1: merge_method: unknown merge method 'slurp' (did you mean 'slerp'?)")
 
 
-def test_mergekit_method_we_lack_is_named_as_such(write_recipe) -> None:
-    path = write_recipe("merge_method: karcher\nmodels:\n  - model: a/b\n  - model: c/d\n")
-    [line] = problems(path)
-    assert line.startswith(f"{path}:1: merge_method: mergekit method 'karcher' is not supported yet; supported: ")
+def test_every_mergekit_method_is_known() -> None:
+    mergekit_0_1_5 = {
+        *("linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties"),
+        *("dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl"),
+        *("model_stock", "nearswap", "arcee_fusion", "passthrough"),
+    }
+    assert mergekit_0_1_5 <= set(METHODS)
+
+
+def test_input_counts_are_said_besides_the_base(write_recipe) -> None:
+    path = write_recipe("merge_method: nuslerp\nbase_model: a/b\nparameters: {weight: 1}\nmodels:\n  - model: c/d\n")
+    assert problems(path) == [f"{path}:4: models: nuslerp takes exactly 2 model(s) besides the base, got 1"]
+    path = write_recipe("merge_method: passthrough\nmodels:\n  - model: a/b\n  - model: c/d\n")
+    assert problems(path) == [f"{path}:2: models: passthrough takes exactly 1 model(s), got 2"]
 
 
 def test_parameter_typo_and_density_range_and_missing_weight_all_reported(write_recipe) -> None:
@@ -91,7 +102,7 @@ models:
   - model: org/a
   - model: org/b
 """)
-    assert problems(path) == [f"{path}:4: models: slerp takes exactly 2 model(s) (base included), got 3"]
+    assert problems(path) == [f"{path}:4: models: slerp takes exactly 1 model(s) besides the base, got 2"]
 
 
 def test_invalid_yaml_names_the_line(write_recipe) -> None:

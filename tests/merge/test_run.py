@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from medmerge_common.errors import UserError
+from merge.methods import METHODS
 from merge.run import run_merge
 from tests.conftest import load_weights
 
@@ -346,22 +349,50 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny, write_recipe, tmp_pat
         ("della", {"parameters": {"lambda": 0.9}}),
         ("della_linear", {}),
         ("model_stock", {"parameters": {"filter_wise": True}}),
+        ("nuslerp", {"parameters": {"nuslerp_flatten": False}}),
+        ("multislerp", {}),
+        ("karcher", {"parameters": {"max_iter": 20}}),
+        ("sce", {"parameters": {"select_topk": 0.5}}),
+        ("ram", {"parameters": {"epsilon": 0.05}}),
+        ("ramplus_tl", {"parameters": {"epsilon": 0.05, "r": 0.5}}),
+        ("arcee_fusion", {}),
     ],
 )
 def test_new_methods_merge_three_models_into_a_loadable_model(tiny, write_recipe, tmp_path, method, extra) -> None:
     from transformers import AutoModelForCausalLM
 
     recipe = ties_recipe(tiny, method, **extra)
-    if method == "model_stock":  # no weights or densities: the angle decides
-        for m in recipe["models"]:
-            m.pop("parameters", None)
+    spec = METHODS[method]
+    for m in recipe["models"]:  # only the per-model parameters the method has (model_stock: the angle decides)
+        own = {k: v for k, v in m.pop("parameters", {}).items() if spec.param(k)}
+        m.update({"parameters": own} if own else {})
+    recipe["models"] = recipe["models"][: 1 + (spec.max_models or 2)]  # arcee_fusion: the base and one model
     out = tmp_path / "out"
     run_merge(write_recipe(recipe), out, seed=5)
     merged, base = load_weights(out), load_weights(tiny["base"])
     assert set(merged) == set(base) and all(torch.isfinite(t.float()).all() for t in merged.values())
     assert any(not torch.equal(merged[k], base[k]) for k in base)
-    assert method in (out / "README.md").read_text() and "arxiv.org" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert method in card and spec.paper in card
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_inputs_a_method_cannot_merge_name_the_tensor_and_leave_nothing(tiny, write_recipe, tmp_path) -> None:
+    negated = tmp_path / "negated"
+    shutil.copytree(tiny["ft1"], negated)
+    weights = load_weights(tiny["ft1"])
+    save_file({k: -v if v.is_floating_point() else v for k, v in weights.items()}, negated / "model.safetensors")
+    recipe = {
+        "merge_method": "multislerp",  # opposed directions with equal weights: no mean direction for three inputs
+        "models": [
+            {"model": str(tiny["ft1"]), "parameters": {"weight": 1}},
+            {"model": str(negated), "parameters": {"weight": 1}},
+            {"model": str(tiny["base"]), "parameters": {"weight": 0}},
+        ],
+    }
+    with pytest.raises(UserError, match=r"^multislerp cannot merge tensor 'model\.embed_tokens\.weight': the weighted"):
+        run_merge(write_recipe(recipe), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_nearswap_recipe(tiny, write_recipe, tmp_path) -> None:

@@ -1,0 +1,46 @@
+"""SCE (select, calculate, erase) — Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models",
+arXiv:2408.07990."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from merge.methods.task_vectors import top_k_mask
+
+
+def sce(base: torch.Tensor, others: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """Merge task vectors τ_i = θ_i − θ_base with weights from their own energy, after two masks:
+
+        select:    keep the entries whose variance across the models, Var_i τ_i (population), is among the
+                   k = ⌊select_topk · #{nonzero variances}⌋ largest (select_topk ≥ 1 keeps all; equal variances
+                   at the threshold are kept in flat-index order); the others are zeroed in every τ_i
+        calculate: η_i = mean(τ_i²) / Σ_j mean(τ_j²)          (1/N when the sum is below 1e-6)
+        erase:     γ = sgn(Σ_i τ_i) (0 counts as +),  m_i = [sgn τ_i = γ]
+        θ = θ_base + Σ_i η_i m_i τ_i / max(Σ_i η_i m_i, 1e-6)
+
+    In the merge dtype, in mergekit 0.1.5's order of operations."""
+    if not others:
+        return base
+    deltas = torch.stack([x - base for x in others])
+    if select_topk < 1:
+        deltas = deltas * _high_variance(deltas, select_topk)
+    elected = deltas.sum(dim=0) >= 0
+    agrees = deltas.sign() == torch.where(elected, 1, -1).to(deltas.dtype)
+    energy = deltas.square().reshape(len(others), -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    eta = torch.ones_like(energy) / len(others) if abs(total) < 1e-6 else energy / total
+    weights = eta.reshape(-1, *[1] * base.dim()) * agrees
+    return base + (deltas * weights).sum(dim=0) / torch.sum(weights, dim=0).clamp(min=1e-6)
+
+
+def _high_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+    """SCE's select mask: the ⌊fraction · #nonzero⌋ entries of largest variance across the models."""
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * fraction) if fraction > 0 else 0
+    if k == 0:
+        return torch.zeros_like(variance, dtype=torch.bool)
+    # The ranking is done in float32 or float64 (exact for 16-bit values; kthvalue needs it).
+    magnitude = variance.reshape(-1).to(torch.float64 if variance.dtype == torch.float64 else torch.float32)
+    return top_k_mask(magnitude, k).reshape(variance.shape)

@@ -1,0 +1,146 @@
+"""Interpolation on the hypersphere beyond two whole tensors: NuSLERP (per-row or flattened SLERP, optionally about
+a base), Multi-SLERP (one tangent-space step for N points) and the Karcher mean (its iterated fixed point).
+
+These compute in the merge dtype, step for step as mergekit 0.1.5 does, so outputs agree with it to the bit; set
+the recipe's `dtype: float32` for more precision with half-precision models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from merge.methods.common import MergeError
+
+
+def nuslerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, columns: bool = False, eps: float = 1e-8
+) -> torch.Tensor:
+    """SLERP applied to vectors of a tensor — the whole tensor flattened (`flatten`, the default), or each row
+    v[i, :] of a matrix, or each column v[:, j] (`columns`) — one angle per vector:
+
+        u = v / max(‖v‖, 1e-7),   cos Ω = clamp(⟨u0, u1⟩, −1, 1)
+        nuslerp(t) = (sin((1−t)Ω) · v0 + sin(tΩ) · v1) / sin Ω
+                     (1−t) · v0 + t · v1        where 1 − cos²Ω ≤ eps² (colinear: sin Ω ≈ 0)
+
+    Arcee's "NuSLERP" (mergekit 0.1.5); with `flatten` it is Shoemake's SLERP of the two tensors."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif columns:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / torch.norm(v, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    omega = torch.acos(torch.where(colinear, 0, cos))  # a finite angle on the branch that is discarded
+    out = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if columns and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """NuSLERP's t from the two models' weights: w1 / (w0 + w1), and 0.5 when they sum to (about) zero."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def multislerp(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Barycentric interpolation of N tensors on the hypersphere (Goddard 2025, "Multi-SLERP"), about `base`
+    when given (v_i = θ_i − θ_base, then θ_base is added back), else about the origin (v_i = θ_i):
+
+        u_i = v_i / (‖v_i‖ + eps),  w_i ← w_i / Σ w (normalize_weights)
+        μ = Σ w_i u_i / ‖Σ w_i u_i‖                      (the weighted mean direction)
+        τ = Σ w_i (u_i − ⟨u_i, μ⟩ μ)                      (the weighted mean in μ's tangent space)
+        v = (cos ‖τ‖ · μ + sin ‖τ‖ · τ / ‖τ‖) · Σ w_i ‖v_i‖  (the exponential map back, at the mean norm)
+
+    One tangent-space step: for two inputs it is close to, not equal to, SLERP. When Σ w_i u_i vanishes the
+    mean direction is undefined: two inputs fall back to w_0 v_0 + w_1 v_1; more raise MergeError."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(list(tensors))
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(len(tensors), -1)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    column = w.view(-1, 1)
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * column).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise MergeError(
+                "the weighted mean of the models' directions is zero (opposed models whose weights cancel), "
+                "so multislerp has no direction to follow; change the weights"
+            )
+        out = (flat[0] * w[0] + flat[1] * w[1]).view(stacked.shape[1:])
+    else:
+        mean = mean / mean_norm
+        tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * column).sum(0)
+        length = torch.norm(tangent) + eps
+        out = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+        out = (out * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return out + base if base is not None else out
+
+
+def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The Karcher (Riemannian, Fréchet) mean of N tensors' directions on the unit hypersphere, at their mean
+    norm, equal weights α_i = 1/N (Karcher 1977; mergekit's "karcher", arXiv:2603.04972):
+
+        u_i = θ_i / ‖θ_i‖ (inputs with ‖θ_i‖ ≤ tol are left out, the α of the rest renormalised)
+        μ_0 = Σ α_i u_i / ‖Σ α_i u_i‖   (u_1 if that is shorter than tol)
+        repeat up to max_iter times, until ‖g‖ < tol:
+            g = Σ α_i · Ω_i / sin Ω_i · (u_i − cos Ω_i · μ),  cos Ω_i = clamp(⟨μ, u_i⟩, −1, 1)  (Ω_i < tol skipped)
+            μ ← cos ‖g‖ · μ + sin ‖g‖ · g / ‖g‖, renormalised
+        θ = (Σ_i α_i ‖θ_i‖) · μ
+
+    g is the gradient of ½ Σ α_i d(μ, u_i)² (the log map), so the loop is a Riemannian gradient descent with step
+    1. Norms are taken in float32 (float64 inputs: float64); the directions are kept in the merge dtype."""
+    if len(tensors) == 1:
+        return tensors[0]
+    alphas = [1 / len(tensors)] * len(tensors)
+    work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(x.to(work)) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
+    kept = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not kept:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in kept)
+    weights = [alphas[i] / total for i in kept]
+    points = [units[i] for i in kept]
+
+    mean = torch.zeros_like(points[0])
+    for a, u in zip(weights, points):
+        mean += a * u
+    length = torch.linalg.vector_norm(mean.to(work))
+    mean = points[0].clone() if length.item() < tol else (mean / length).to(mean.dtype)
+    for _ in range(max_iter):
+        gradient = torch.zeros_like(mean)
+        for a, u in zip(weights, points):
+            cos = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            omega = torch.arccos(cos)
+            if omega.item() < tol:
+                continue
+            gradient += a * (omega / torch.sin(omega)) * (u - cos * mean)
+        step = torch.linalg.vector_norm(gradient.to(work))
+        if step.item() < tol:
+            break
+        mean = (torch.cos(step) * mean + torch.sin(step) * (gradient / step)).to(mean.dtype)
+        length = torch.linalg.vector_norm(mean.to(work))
+        if length.item() > tol:
+            mean = (mean / length).to(mean.dtype)
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
