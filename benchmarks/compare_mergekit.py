@@ -56,6 +56,7 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
         {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
         {"model": ft2, "parameters": {"weight": 0.3, "density": 0.7}},
     ]
+    with_base = [{"model": base}, {"model": ft1}, {"model": ft2}]
     weighted_ft = [{"model": ft1, "parameters": {"weight": 0.7}}, {"model": ft2, "parameters": {"weight": 0.4}}]
     layers = 4
     return {
@@ -148,13 +149,13 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
         "model_stock": {
             "merge_method": "model_stock",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "dtype": "bfloat16",
         },
         "model_stock_filter_wise_fp32": {
             "merge_method": "model_stock",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "parameters": {"filter_wise": True},
             "dtype": "float32",
         },
@@ -208,7 +209,7 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
         },
         "karcher": {
             "merge_method": "karcher",
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "dtype": "bfloat16",
         },
         "karcher_fp32_iter3": {
@@ -220,34 +221,34 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
         "sce": {
             "merge_method": "sce",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "dtype": "bfloat16",
         },
         "sce_topk_fp32": {
             "merge_method": "sce",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "parameters": {"select_topk": 0.3},
             "dtype": "float32",
         },
         "ram": {
             "merge_method": "ram",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "parameters": {"epsilon": 0.03},
             "dtype": "bfloat16",
         },
         "ramplus_tl_fp32": {
             "merge_method": "ramplus_tl",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "parameters": {"epsilon": 0.03, "r": 0.5, "alpha": 0.4},
             "dtype": "float32",
         },
         "ramplus_tl_bf16": {
             "merge_method": "ramplus_tl",
             "base_model": base,
-            "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            "models": with_base,
             "parameters": {"epsilon": 0.03},
             "dtype": "bfloat16",
             "out_dtype": "bfloat16",  # as for arcee_fusion: mergekit's λ is float32, so it would write float32

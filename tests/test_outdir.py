@@ -21,6 +21,16 @@ from medmerge_common.outdir import atomic_output_dir
 from tests.merge.test_cli import run_cli
 
 
+@pytest.fixture(autouse=True)
+def interruptible():
+    """Ctrl-C reaches these tests and the processes they start even when pytest itself was started with SIGINT
+    ignored (a background job of a non-interactive shell, `nohup`): children inherit an ignored signal, and Python
+    installs its KeyboardInterrupt handler only where SIGINT is not ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def recipe_for(tiny: dict[str, Path]) -> dict:
     return {
         "merge_method": "linear",
