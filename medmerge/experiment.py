@@ -244,6 +244,11 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def lm_eval_model_args(pretrained: str, settings: LmEvalSettings) -> dict[str, Any]:
+    """The model's arguments for lm-eval: the model, its dtype when set, then the experiment's own model_args."""
+    return {"pretrained": pretrained, **({"dtype": settings.dtype} if settings.dtype else {}), **settings.model_args}
+
+
 def lm_eval_command(
     pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings, output_dir: Path, data_dir: str | None
 ) -> str:
@@ -251,8 +256,7 @@ def lm_eval_command(
     hand)."""
     import shlex
 
-    model_args = {"pretrained": pretrained, **({"dtype": settings.dtype} if settings.dtype else {})}
-    model_args |= settings.model_args
+    model_args = lm_eval_model_args(pretrained, settings)
     words = [
         "lm_eval",
         "--model",
@@ -288,11 +292,7 @@ def evaluate(
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
-    model_args = {
-        "pretrained": pretrained,
-        **({"dtype": settings.dtype} if settings.dtype else {}),
-        **settings.model_args,
-    }
+    model_args = lm_eval_model_args(pretrained, settings)
     tracker = EvaluationTracker(output_path=str(output_dir))
     with library_progress_bars(verbose):
         output = lm_eval.simple_evaluate(

@@ -10,7 +10,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend switch, no global figure registry
 
 from medmerge.report.results import display_metric
-from medmerge.report.table import Column, Leaderboard, Row
+from medmerge.report.table import Cell, Column, Leaderboard, Row
 
 # TruthfulQA health forms: (plain group, truthful group, metrics drawn, file stem)
 TRUTHFULQA_FORMS = (
@@ -35,7 +35,6 @@ class Figure:
 def model_colours(rows: list[Row]) -> dict[int, tuple[float, ...]]:
     """A colour per row (by id): plain models in shades of blue, merges in shades of orange, so parents and
     merges are told apart at a glance in every figure."""
-
     merges = [r for r in rows if r.parent_refs]
     plain = [r for r in rows if not r.parent_refs]
     colours: dict[int, tuple[float, ...]] = {}
@@ -46,9 +45,14 @@ def model_colours(rows: list[Row]) -> dict[int, tuple[float, ...]]:
     return colours
 
 
-def _fit_y(ax: Axes, tops: list[float], bottoms: list[float]) -> None:
+def _legend_label(row: Row) -> str:
+    return row.label + (" (merge)" if row.parent_refs else "")
+
+
+def _fit_y(ax: Axes, cells: list[Cell]) -> None:
     """Scores live in [0, 1]; the axis widens where an error bar reaches beyond it, so no bar is cut off."""
-    low, high = min([0.0, *bottoms]), max([1.0, *tops])
+    low = min([0.0, *(c.mean - (c.err or 0) for c in cells)])
+    high = max([1.0, *(c.mean + (c.err or 0) for c in cells)])
     ax.set_ylim(low - 0.02 if low < 0 else 0.0, high + 0.02)
 
 
@@ -82,14 +86,14 @@ def task_bars(board: Leaderboard, out: Path) -> Figure | None:
             yerr=[c.err or 0.0 for c in cells],
             capsize=2,
             color=colours[id(row)],
-            label=row.label + (" (merge)" if row.parent_refs else ""),
+            label=_legend_label(row),
         )
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(
         [_short(c.task) + (" (avg)" if c.is_group else "") for c in columns], rotation=35, ha="right", fontsize=8
     )
     ax.set_ylabel("accuracy")
-    _fit_y(ax, [c.mean + (c.err or 0) for c in drawn], [c.mean - (c.err or 0) for c in drawn])
+    _fit_y(ax, drawn)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     ax.set_title("Accuracy per task" + _runs_note(board, columns))
@@ -185,12 +189,12 @@ def _draw_pairings(
                     color=colours[id(row)],
                     hatch=hatch,
                     edgecolor="white" if hatch else None,
-                    label=(row.label + (" (merge)" if row.parent_refs else "")) if not hatch else None,
+                    label=_legend_label(row) if not hatch else None,
                 )
         ax.set_xticks(range(len(slots)))
         ax.set_xticklabels([slot[2] for slot in slots], fontsize=8)
         ax.set_title(panel_title, fontsize=9)
-        _fit_y(ax, [c.mean + (c.err or 0) for c in drawn], [c.mean - (c.err or 0) for c in drawn])
+        _fit_y(ax, drawn)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.suptitle(f"{title}: plain (solid) vs truthful prompt (hatched)", fontsize=10)
