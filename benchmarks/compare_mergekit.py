@@ -38,12 +38,12 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmerge.tiny import build_model, build_tokenizer, perturbed_copy  # noqa: E402
+from medmerge.tiny import build_lora, build_model, build_tokenizer, perturbed_copy  # noqa: E402
 from merge.recipe import DTYPES  # noqa: E402
 from merge.run import run_merge  # noqa: E402
 
 
-def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
+def recipes(base: str, ft1: str, ft2: str, adapter: str) -> dict[str, dict]:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "biomistral-instruct-slerp.yaml"
     slerp_t = yaml.safe_load(recipe.read_text())["parameters"]["t"]  # BioMistral's published gradient
     three = [
@@ -260,6 +260,17 @@ def recipes(base: str, ft1: str, ft2: str) -> dict[str, dict]:
             "dtype": "bfloat16",
             "out_dtype": "bfloat16",  # without it mergekit writes float32 (its mask is float32); medmerge bf16
         },
+        "lora_passthrough": {"merge_method": "passthrough", "models": [{"model": f"{base}+{adapter}"}]},
+        "lora_ties_bf16": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": base},
+                {"model": f"{ft1}+{adapter}", "parameters": {"weight": 0.5, "density": 1.0}},
+                {"model": ft2, "parameters": {"weight": 0.3, "density": 1.0}},
+            ],
+            "dtype": "bfloat16",
+        },
     }
 
 
@@ -429,10 +440,20 @@ def run_comparison(
         build_model(dirs["base"], work / "tokenizer", hidden=hidden, intermediate=2 * hidden, layers=4)
         perturbed_copy(dirs["base"], dirs["ft1"], 0.05, seed=1)
         perturbed_copy(dirs["base"], dirs["ft2"], 0.05, seed=2)
+    adapter = work / "lora"
+    if not (adapter / "adapter_config.json").exists():
+        build_lora(
+            dirs["base"],
+            adapter,
+            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            modules_to_save=["lm_head"],
+        )
     model_dirs = {str(p): p for p in dirs.values()}
     names = [str(p) for p in dirs.values()]
     outcomes, random_outcomes = [], []
-    for name, recipe in [*recipes(*names).items(), *random_recipes(*names).items()]:
+    for name, recipe in [*recipes(*names, str(adapter)).items(), *random_recipes(*names).items()]:
         if only and name not in only:
             continue
         ours, theirs = merge_both(mergekit_python, work, name, recipe)
@@ -451,7 +472,11 @@ def merge_both(mergekit_python: Path, work: Path, name: str, recipe: dict) -> tu
     shutil.rmtree(theirs, ignore_errors=True)
     run_merge(path, ours, overwrite=True)
     subprocess.run(
-        [str(mergekit_python.parent / "mergekit-yaml"), str(path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
+        [
+            str(mergekit_python.parent / "mergekit-yaml"),
+            *(str(path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"),
+            *("--lora-merge-cache", str(work / "lora-cache")),  # where mergekit saves base+adapter merged
+        ],
         check=True,
         capture_output=True,
     )

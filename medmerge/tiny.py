@@ -137,3 +137,32 @@ def finetune_on_answers(
         optimizer.zero_grad()
     model.eval()
     save_model(model, tokenizer, out_dir)
+
+
+def build_lora(
+    base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, safetensors: bool = True, **options
+) -> None:
+    """A PEFT LoRA adapter for `base_dir` with random (non-zero) A and B and perturbed `modules_to_save`, saved
+    to `out_dir`; `options` go to peft's LoraConfig (r, lora_alpha, target_modules, use_rslora, rank_pattern...)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    torch.manual_seed(seed)
+    options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **options}
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **options))
+    with torch.no_grad():  # "train" the modules saved whole, so that replacing them shows
+        for name, parameter in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.01)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=safetensors)
+
+
+def merged_lora_state(base_dir: str | Path, adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """PEFT's own merge of an adapter into its base (`merge_and_unload`, as mergekit runs it): the reference
+    that `BASE+ADAPTER` inputs are checked against."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir))
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}

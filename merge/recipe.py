@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medmerge_common.errors import Problem, UserError, did_you_mean
+from merge.io.lora import split_adapter
 from merge.methods import METHODS, REQUIRED, Method
 from merge.params import check_setting, convert
 from merge.yamlfile import Path_, field_name, line_of, parse_yaml, read_text, validate_model
@@ -144,8 +145,13 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
         problem("give either 'models' or 'slices' (exactly one of them)", "models" if r.models else "merge_method")
         return out, warnings
     for ref, path in _model_ref_paths(r):
-        if not (Path(ref).expanduser().exists() or HUB_ID.match(ref)):
-            problem(f"model '{ref}' is neither an existing directory nor a hub id (org/name[@revision])", *path)
+        if ref.count("+") > 1:
+            problem(f"model '{ref}' has more than one '+' (a LoRA input is written BASE+ADAPTER)", *path)
+            continue
+        base, adapter = split_adapter(ref)
+        for part, what in ((base, "model"), (adapter, "adapter")):
+            if part is not None and not (Path(part).expanduser().exists() or HUB_ID.match(part)):
+                problem(f"{what} '{part}' is neither an existing directory nor a hub id (org/name[@revision])", *path)
     if r.tokenizer_source not in (None, "base") and r.tokenizer_source not in r.model_refs():
         if r.tokenizer_source == "union":
             problem(

@@ -16,7 +16,7 @@ from medmerge_common.errors import UserError
 from medmerge_common.outdir import Say, atomic_output_dir, check_output_dir
 from merge.card import write_metadata
 from merge.io.checkpoint import Checkpoint
-from merge.io.hub import local_dir, open_model
+from merge.io.hub import input_dirs, open_model
 from merge.io.writer import ShardedWriter
 from merge.methods import MergeCall
 from merge.methods.common import BLOCK, MergeError
@@ -124,13 +124,13 @@ def run_merge(
         raise ValueError("run_merge needs out_dir unless dry_run")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        check_output_dir(out, overwrite, inputs=[d for ref in recipe.model_refs() if (d := local_dir(ref))])
+        check_output_dir(out, overwrite, inputs=[d for ref in recipe.model_refs() for d in input_dirs(ref)])
     target = check_device(device)
     plan, models = plan_merge(recipe, weights=not dry_run)
     if dry_run:
         return MergeResult(None, plan, time.perf_counter() - start)
     assert out is not None
-    inputs = [m.directory for m in models.values() if m.directory is not None]
+    inputs = [d for m in models.values() for d in m.directories]
     merge_dtype = recipe.merge_dtype
 
     def load(job: TensorJob) -> Loaded:

@@ -162,6 +162,11 @@ class Checkpoint:
         self._files: dict[str, Any] = {}
         self._bin_state: dict[str, dict[str, torch.Tensor]] = {}
 
+    @property
+    def directories(self) -> list[Path]:
+        """The local directories this model is read from (none when opened from hub headers)."""
+        return [self.directory] if self.directory is not None else []
+
     @classmethod
     def open(cls, ref: str, directory: Path) -> Checkpoint:
         """Index a local model directory from config.json and the weight files' headers."""
@@ -258,14 +263,7 @@ def index_weights(ref: str, directory: Path) -> dict[str, TensorInfo]:
         path = directory / file
         if not path.is_file():
             raise UserError(f"model '{ref}' is missing weight file {file}", file=directory)
-        found = (
-            read_safetensors_header(path)
-            if file.endswith(".safetensors")
-            else {
-                n: TensorInfo(n, t.dtype, tuple(t.shape), file)
-                for n, t in load_state_dict(path, map_location="meta").items()
-            }
-        )
+        found = index_file(path)
         for name in found.keys() & out.keys():
             raise UserError(f"tensor '{name}' is stored twice ({out[name].file} and {file})", file=directory)
         out.update(found)
@@ -274,6 +272,16 @@ def index_weights(ref: str, directory: Path) -> dict[str, TensorInfo]:
             where = f"is in {out[name].file}" if name in out else "is in no weight file"
             raise UserError(f"the index puts tensor '{name}' in {file}, but it {where}", file=index_path)
     return out
+
+
+def index_file(path: Path) -> dict[str, TensorInfo]:
+    """name -> TensorInfo for one weight file: a safetensors header, or a `.bin` loaded onto the meta device."""
+    if path.name.endswith(".safetensors"):
+        return read_safetensors_header(path)
+    return {
+        n: TensorInfo(n, t.dtype, tuple(t.shape), path.name)
+        for n, t in load_state_dict(path, map_location="meta").items()
+    }
 
 
 def _weight_map(index_path: Path) -> dict[str, str]:

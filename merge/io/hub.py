@@ -6,6 +6,7 @@ Resolution order for a reference `org/name[@revision]`:
   3. the hub, through huggingface_hub, fetching only what is needed: config.json and safetensors
      headers to validate (`--dry-run`), the weight files and tokenizer files to merge.
 Offline (no network, or HF_HUB_OFFLINE=1) a reference that is not cached fails at once with one line.
+`BASE+ADAPTER` resolves both halves this way (an adapter: its adapter_config.json and weights).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from medmerge_common.errors import UserError
 from medmerge_common.hub import hub_reachable
 from merge.io.checkpoint import Checkpoint, tensors_from_header
+from merge.io.lora import ADAPTER_FILES, adapt, split_adapter
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 META_PATTERNS = [
@@ -52,8 +54,17 @@ def local_dir(ref: str) -> Path | None:
     return None
 
 
+def input_dirs(ref: str) -> list[Path]:
+    """The local directories a reference reads (a model, and the adapter of `BASE+ADAPTER`)."""
+    return [d for part in ref.split("+") if (d := local_dir(part))]
+
+
 def open_model(ref: str, *, weights: bool = True) -> Checkpoint:
     """Open a model for merging (`weights=True`: download what is missing) or for validation only."""
+    base_ref, adapter_ref = split_adapter(ref)
+    if adapter_ref is not None:
+        base = open_model(base_ref, weights=weights)
+        return adapt(ref, base, local_dir(adapter_ref) or _download(adapter_ref, ADAPTER_FILES))
     directory = local_dir(ref)
     if directory is not None:
         return Checkpoint.open(ref, directory)
