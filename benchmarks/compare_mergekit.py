@@ -14,6 +14,13 @@ known, documented divergence:
   * Model Breadcrumbs: the same at either edge of the kept magnitude band (entries whose |delta| equals the
     magnitude just inside or outside the band's lower or upper edge).
 
+  * Padding rows of a vocabulary padded with `pad_to_multiple_of`: each is the mean of a model's rows, which
+    mergekit sums in its token order; its ids for tokens new to the base change from run to run (set and
+    hash-map order), so its sum order does too. They must agree to float rounding.
+
+Vocabulary tensors of recipes that set `tokenizer_source` / `tokenizer` are compared token by token (mergekit's
+rows put in our token order), after checking that both tools' output vocabularies hold the same tokens.
+
 Random methods (DARE, DELLA at density < 1) cannot agree element by element with another generator; for them
 the script compares what the papers define, over the whole model: the share of entries the merge changes (the
 keep rate) and the L1 norm of the merged task vector (the rescale), which must agree within 1 point and 2%.
@@ -43,7 +50,7 @@ from merge.recipe import DTYPES  # noqa: E402
 from merge.run import run_merge  # noqa: E402
 
 
-def recipes(base: str, ft1: str, ft2: str, adapter: str) -> dict[str, dict]:
+def recipes(base: str, ft1: str, ft2: str, adapter: str, other_vocab: str) -> dict[str, dict]:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "biomistral-instruct-slerp.yaml"
     slerp_t = yaml.safe_load(recipe.read_text())["parameters"]["t"]  # BioMistral's published gradient
     three = [
@@ -271,6 +278,44 @@ def recipes(base: str, ft1: str, ft2: str, adapter: str) -> dict[str, dict]:
             ],
             "dtype": "bfloat16",
         },
+        "union_linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": base, "parameters": {"weight": 0.6}},
+                {"model": other_vocab, "parameters": {"weight": 0.4}},
+            ],
+            "tokenizer_source": "union",
+            "dtype": "bfloat16",
+        },
+        "union_ties_tokens_padded_fp32": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": base},
+                {"model": ft1, "parameters": {"weight": 0.5, "density": 1.0}},
+                {"model": other_vocab, "parameters": {"weight": 0.5, "density": 1.0}},
+            ],
+            "tokenizer": {
+                "source": "union",
+                "pad_to_multiple_of": 64,
+                "tokens": {
+                    "<extra>": {"source": {"kind": "zero"}},
+                    "<s>": {"source": {"kind": "model_token", "model": other_vocab, "token": "</s>"}, "force": True},
+                    "Question": {"source": other_vocab, "force": True},
+                },
+            },
+            "dtype": "float32",
+        },
+        "base_vocabulary_task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {"model": ft1, "parameters": {"weight": 0.5}},
+                {"model": other_vocab, "parameters": {"weight": 0.3}},
+            ],
+            "tokenizer_source": "base",
+            "dtype": "bfloat16",
+        },
     }
 
 
@@ -377,12 +422,41 @@ def breadcrumbs_edge_ties(recipe: dict, model_dirs: dict[str, Path], name: str, 
     return int(hit.sum())
 
 
+def by_token(ours: Path, theirs: Path, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """Put mergekit's token rows in our token order (its ids for tokens new to the base change from run to run:
+    set and hash-map order), and its padding rows, each the mean of its rows summed in its own order, within
+    float rounding of ours in place of ours; returns how many padding elements differ (explained), and by how much."""
+    from transformers import AutoTokenizer
+
+    our_vocab = AutoTokenizer.from_pretrained(str(ours)).get_vocab()
+    their_vocab = AutoTokenizer.from_pretrained(str(theirs)).get_vocab()
+    if set(our_vocab) != set(their_vocab):
+        raise SystemExit(f"{ours}: vocabularies differ: {sorted(set(our_vocab) ^ set(their_vocab))[:5]}")
+    order = torch.tensor([their_vocab[t] for t in sorted(our_vocab, key=our_vocab.__getitem__)])
+    padding, largest = 0, 0.0
+    for key, tensor in a.items():
+        if tensor.shape[:1] != b[key].shape[:1] or tensor.shape[0] < len(order) or key not in VOCABULARY_TENSORS:
+            continue
+        theirs_reordered = torch.cat([b[key][order], b[key][len(order) :]])
+        pad_ours, pad_theirs = tensor[len(order) :].double(), theirs_reordered[len(order) :].double()
+        if not torch.allclose(pad_ours, pad_theirs, rtol=1e-2, atol=1e-6):
+            raise SystemExit(f"{ours}: {key}: padding rows are not the mean row")
+        padding += int((pad_ours != pad_theirs).sum())
+        largest = max(largest, float((pad_ours - pad_theirs).abs().max()) if pad_ours.numel() else 0.0)
+        b[key] = torch.cat([theirs_reordered[: len(order)], tensor[len(order) :]])
+    return padding, largest
+
+
+VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
 def compare(name: str, recipe: dict, ours: Path, theirs: Path, model_dirs: dict[str, Path]) -> Outcome:
     a, b = load_all(ours), load_all(theirs)
+    by_vocabulary = recipe.get("tokenizer_source") or recipe.get("tokenizer")
+    padding, max_abs = by_token(ours, theirs, a, b) if by_vocabulary else (0, 0.0)
     if set(a) != set(b):
         raise SystemExit(f"{name}: tensor names differ: {sorted(set(a) ^ set(b))[:5]}")
     differing = explained = elements = 0
-    max_abs = 0.0
     for key in a:
         if a[key].dtype != b[key].dtype or a[key].shape != b[key].shape:
             raise SystemExit(f"{name}: {key}: {a[key].dtype}{list(a[key].shape)} vs {b[key].dtype}{list(b[key].shape)}")
@@ -397,7 +471,7 @@ def compare(name: str, recipe: dict, ours: Path, theirs: Path, model_dirs: dict[
             explained += ties_threshold_ties(recipe, model_dirs, key, diff.nonzero().reshape(-1))
         elif recipe["merge_method"].startswith("breadcrumbs"):
             explained += breadcrumbs_edge_ties(recipe, model_dirs, key, diff.nonzero().reshape(-1))
-    return Outcome(name, len(a), elements, differing, explained, max_abs)
+    return Outcome(name, len(a), elements, differing + padding, explained + padding, max_abs)
 
 
 def main() -> int:
@@ -440,6 +514,11 @@ def run_comparison(
         build_model(dirs["base"], work / "tokenizer", hidden=hidden, intermediate=2 * hidden, layers=4)
         perturbed_copy(dirs["base"], dirs["ft1"], 0.05, seed=1)
         perturbed_copy(dirs["base"], dirs["ft2"], 0.05, seed=2)
+    if not (work / "other_vocab" / "config.json").exists():  # another tokenizer: 420 tokens, other ids
+        build_tokenizer(work / "tokenizer_420", vocab_size=420, extra_text=["hemoglobin erythrocyte nephron"] * 3)
+        build_model(
+            work / "other_vocab", work / "tokenizer_420", hidden=hidden, intermediate=2 * hidden, layers=4, seed=9
+        )
     adapter = work / "lora"
     if not (adapter / "adapter_config.json").exists():
         build_lora(
@@ -453,7 +532,10 @@ def run_comparison(
     model_dirs = {str(p): p for p in dirs.values()}
     names = [str(p) for p in dirs.values()]
     outcomes, random_outcomes = [], []
-    for name, recipe in [*recipes(*names, str(adapter)).items(), *random_recipes(*names).items()]:
+    for name, recipe in [
+        *recipes(*names, str(adapter), str(work / "other_vocab")).items(),
+        *random_recipes(*names).items(),
+    ]:
         if only and name not in only:
             continue
         ours, theirs = merge_both(mergekit_python, work, name, recipe)

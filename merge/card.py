@@ -8,14 +8,13 @@ from pathlib import Path
 
 import yaml
 
-from merge.io.hub import META_PATTERNS
 from merge.plan import MergePlan
+from merge.vocabulary import TOKENIZER_FILES
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
     "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-TOKENIZER_FILES = [p for p in META_PATTERNS if p not in ("config.json", "generation_config.json")]
 
 
 def write_metadata(plan: MergePlan, model_dirs: dict[str, Path | None], out: Path, recipe_text: str, seed: int) -> None:
@@ -25,12 +24,12 @@ def write_metadata(plan: MergePlan, model_dirs: dict[str, Path | None], out: Pat
     reference_dir = model_dirs.get(plan.reference)
     if reference_dir and (reference_dir / "generation_config.json").is_file():
         shutil.copyfile(reference_dir / "generation_config.json", out / "generation_config.json")
-    tokenizer_ref = plan.reference if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
-    tokenizer_dir = model_dirs.get(tokenizer_ref)
-    if tokenizer_dir:
+    if plan.vocabulary is not None:
+        plan.vocabulary.save(out)
+    elif reference_dir:  # the reference's tokenizer, which every model shares
         for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out / name)
+            if (reference_dir / name).is_file():
+                shutil.copyfile(reference_dir / name, out / name)
     if recipe.chat_template:
         template = CHATML if recipe.chat_template == "chatml" else recipe.chat_template
         (out / "chat_template.jinja").write_text(template)

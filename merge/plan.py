@@ -18,6 +18,7 @@ from merge.io.checkpoint import Checkpoint, OutputTensor, TensorInfo
 from merge.methods import REQUIRED
 from merge.params import layer_position, resolve
 from merge.recipe import Parameters, Recipe
+from merge.vocabulary import Vocabulary, vocab_size
 
 LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..+)$")
 
@@ -61,6 +62,7 @@ class TensorJob:
     params: dict[str, Any]
     t: float
     copy_only: bool = False  # integer buffers are copied from the first source, never merged
+    vocabulary: bool = False  # rows indexed by token: re-indexed to the output vocabulary before merging
 
 
 @dataclass
@@ -71,6 +73,7 @@ class MergePlan:
     config: dict[str, Any]
     num_layers: int
     models: list[str] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None  # the output vocabulary, when the recipe sets one
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,9 @@ def num_layers(config: dict[str, Any]) -> int | None:
     return num_layers(text) if isinstance(text, dict) else None
 
 
-def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
-    """Plan every output tensor; raise UserError with all problems (file/line/field where possible)."""
+def build_plan(recipe: Recipe, models: dict[str, Checkpoint], vocabulary: Vocabulary | None = None) -> MergePlan:
+    """Plan every output tensor (re-indexing token rows to `vocabulary` when given); raise UserError with all
+    problems (file/line/field where possible)."""
     problems: list[Problem] = []
     reference = recipe.base_model or recipe.model_refs()[0]
     _check_architectures(recipe, models, reference, problems)
@@ -113,7 +117,16 @@ def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
     tensor_problems = TensorProblems()
     jobs: list[TensorJob] = []
     for name in pre:
-        jobs += _job(recipe, models, slices[0], name, {s.model: name for s in slices[0].sources}, 0.0, tensor_problems)
+        jobs += _job(
+            recipe,
+            models,
+            vocabulary,
+            slices[0],
+            name,
+            {s.model: name for s in slices[0].sources},
+            0.0,
+            tensor_problems,
+        )
     out_layer = 0
     for sl in slices:
         length = sl.sources[0].end - sl.sources[0].start
@@ -125,17 +138,24 @@ def build_plan(recipe: Recipe, models: dict[str, Checkpoint]) -> MergePlan:
                 assert m
                 out_name = f"{m.group(1)}{out_layer}{m.group(3)}"
                 inputs = {s.model: f"{m.group(1)}{s.start + offset}{m.group(3)}" for s in sl.sources}
-                jobs += _job(recipe, models, sl, out_name, inputs, t, tensor_problems)
+                jobs += _job(recipe, models, None, sl, out_name, inputs, t, tensor_problems)
             out_layer += 1
     for name in post:
         jobs += _job(
-            recipe, models, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0, tensor_problems
+            recipe,
+            models,
+            vocabulary,
+            slices[-1],
+            name,
+            {s.model: name for s in slices[-1].sources},
+            0.0,
+            tensor_problems,
         )
     if tensor_problems:
         raise UserError(problems=tensor_problems.problems())
 
-    config = _output_config(recipe, models[reference].config, slices, models, out_layer)
-    return MergePlan(recipe, reference, jobs, config, out_layer, list(models))
+    config = _output_config(recipe, models[reference].config, slices, models, out_layer, vocabulary)
+    return MergePlan(recipe, reference, jobs, config, out_layer, list(models), vocabulary)
 
 
 def _is_embedding(name: str) -> bool:
@@ -230,14 +250,22 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
 def _job(
     recipe: Recipe,
     models: dict[str, Checkpoint],
+    vocabulary: Vocabulary | None,
     sl: _Slice,
     out_name: str,
     inputs: dict[str, str],
     t: float,
     problems: TensorProblems,
 ) -> list[TensorJob]:
-    """One output tensor's job (or none, with problems recorded): find the inputs, resolve the parameters."""
-    found = _input_tensors(recipe, models, sl, out_name, inputs, problems)
+    """One output tensor's job (or none, with problems recorded): find the inputs, resolve the parameters.
+    With an output vocabulary, a tensor whose rows are each model's tokens (its first dimension is the model's
+    vocab_size: embeddings, lm_head) gets that vocabulary's rows."""
+    by_token = vocabulary is not None and all(
+        models[s.model].tensors.get(inputs[s.model]) is not None
+        and models[s.model].tensors[inputs[s.model]].shape[:1] == (vocab_size(models[s.model].config),)
+        for s in sl.sources
+    )
+    found = _input_tensors(recipe, models, sl, out_name, inputs, problems, by_token)
     if found is None:
         return []
     first = found[0]
@@ -250,7 +278,22 @@ def _job(
         return []
     base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
     dtype = recipe.output_dtype or first.dtype
-    return [TensorJob(OutputTensor(out_name, dtype, first.shape), tuple(sources), base_index, params, t)]
+    shape = first.shape
+    if by_token:
+        assert vocabulary is not None
+        shape = (vocabulary.size, *shape[1:])
+        missing = vocabulary.missing_model([s.model for s in sl.sources])
+        if missing:
+            problems.add(
+                "token source",
+                Problem(
+                    f"tokenizer.tokens takes rows from model '{missing}', which is not an input of '{out_name}'",
+                    **recipe.where("tokenizer", "tokens"),
+                ),
+            )
+            return []
+    job = TensorJob(OutputTensor(out_name, dtype, shape), tuple(sources), base_index, params, t, vocabulary=by_token)
+    return [job]
 
 
 def _input_tensors(
@@ -260,8 +303,10 @@ def _input_tensors(
     out_name: str,
     inputs: dict[str, str],
     problems: TensorProblems,
+    by_token: bool = False,
 ) -> list[TensorInfo] | None:
-    """Each source's input tensor, all of one shape; None (problem recorded) when one is missing or differs."""
+    """Each source's input tensor, all of one shape (but for the token dimension of `by_token` tensors); None
+    (problem recorded) when one is missing or differs."""
     found = []
     for s in sl.sources:
         info = models[s.model].tensors.get(inputs[s.model])
@@ -272,9 +317,14 @@ def _input_tensors(
             )
             return None
         found.append(info)
-    if len({info.shape for info in found}) > 1:
+    if len({info.shape[1:] if by_token else info.shape for info in found}) > 1:
         detail = ", ".join(f"'{s.model}' {list(info.shape)}" for s, info in zip(sl.sources, found))
-        problems.add("shapes", Problem(f"tensor '{out_name}' has different shapes: {detail}", recipe.source_file))
+        hint = (
+            "; models with different vocabularies merge with tokenizer_source: union (or base, or a model)"
+            if recipe.vocabulary_settings is None and len({info.shape[1:] for info in found}) == 1
+            else ""
+        )
+        problems.add("shapes", Problem(f"tensor '{out_name}' has different shapes: {detail}{hint}", recipe.source_file))
         return None
     return found
 
@@ -341,10 +391,19 @@ def _method_check(
 
 
 def _output_config(
-    recipe: Recipe, reference: dict[str, Any], slices: list[_Slice], models: dict[str, Checkpoint], total_layers: int
+    recipe: Recipe,
+    reference: dict[str, Any],
+    slices: list[_Slice],
+    models: dict[str, Checkpoint],
+    total_layers: int,
+    vocabulary: Vocabulary | None,
 ) -> dict[str, Any]:
     config = copy.deepcopy(reference)
     target = config["text_config"] if "num_hidden_layers" not in config and "text_config" in config else config
+    if vocabulary is not None:
+        (config if "vocab_size" in config or "text_config" not in config else config["text_config"])["vocab_size"] = (
+            vocabulary.size
+        )
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in target:
             target[key] = total_layers

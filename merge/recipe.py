@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medmerge_common.errors import Problem, UserError, did_you_mean
 from merge.io.lora import split_adapter
@@ -59,6 +59,40 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class ModelToken(_Strict):
+    """A token's stand-in row taken from one model's own vocabulary, by id or by token."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class ZeroToken(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """`tokenizer.tokens.<token>`: where the token's row comes from for models that lack it (all, with force)."""
+
+    source: ModelToken | ZeroToken | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(_Strict):
+    """`tokenizer:` (mergekit 0.1.5): the output vocabulary's source, extra tokens, and padding of its size."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 class Recipe(_Strict):
     """A merge recipe (mergekit's format): either `models` or `slices`; the README lists every field."""
 
@@ -70,6 +104,7 @@ class Recipe(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     name: str | None = None
 
@@ -90,6 +125,14 @@ class Recipe(_Strict):
     @property
     def output_dtype(self) -> torch.dtype | None:
         return DTYPES[self.out_dtype] if self.out_dtype else self.merge_dtype
+
+    @property
+    def vocabulary_settings(self) -> TokenizerSettings | None:
+        """The output vocabulary's settings: from `tokenizer:`, or `tokenizer_source` alone; None: no re-indexing
+        (every model must then have the same vocabulary size)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSettings(source=self.tokenizer_source) if self.tokenizer_source else None
 
     def where(self, *path: str | int) -> dict[str, Any]:
         """file/line/field keyword arguments for an error about `path`."""
@@ -152,14 +195,7 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
         for part, what in ((base, "model"), (adapter, "adapter")):
             if part is not None and not (Path(part).expanduser().exists() or HUB_ID.match(part)):
                 problem(f"{what} '{part}' is neither an existing directory nor a hub id (org/name[@revision])", *path)
-    if r.tokenizer_source not in (None, "base") and r.tokenizer_source not in r.model_refs():
-        if r.tokenizer_source == "union":
-            problem(
-                "tokenizer_source 'union' is not supported yet; use 'base' or one of the recipe's models",
-                "tokenizer_source",
-            )
-        else:
-            problem("tokenizer_source must be 'base' or one of the recipe's models", "tokenizer_source")
+    out += _check_tokenizer(r)
 
     if r.chat_template and r.chat_template != "chatml" and "{" not in r.chat_template:
         problem("chat_template must be 'chatml' or a Jinja template string", "chat_template")
@@ -244,6 +280,34 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
                 )
     out += _check_required(r, method)
     return out, warnings
+
+
+def _check_tokenizer(r: Recipe) -> list[Problem]:
+    """tokenizer_source / tokenizer: one of them, sources that name the recipe's models."""
+    if r.tokenizer_source and r.tokenizer:
+        return [Problem("give tokenizer_source or tokenizer, not both", **r.where("tokenizer"))]
+    settings = r.vocabulary_settings
+    if settings is None:
+        return []
+    refs = r.model_refs()
+    path = ("tokenizer", "source") if r.tokenizer else ("tokenizer_source",)
+    out = []
+    if settings.source not in ("union", "base", *refs):
+        out.append(
+            Problem(
+                f"'{settings.source}' is not 'union', 'base' or one of the recipe's models"
+                f"{did_you_mean(settings.source, ['union', 'base', *refs])}",
+                **r.where(*path),
+            )
+        )
+    for token, entry in (settings.tokens or {}).items():
+        model = entry.source.model if isinstance(entry.source, ModelToken) else entry.source
+        if isinstance(model, str) and model not in refs:
+            where = ("tokenizer", "tokens", token, "source") + (
+                ("model",) if isinstance(entry.source, ModelToken) else ()
+            )
+            out.append(Problem(f"model '{model}' is not one of the recipe's models", **r.where(*where)))
+    return out
 
 
 def _model_ref_paths(r: Recipe) -> list[tuple[str, tuple]]:

@@ -16,12 +16,13 @@ from medmerge_common.errors import UserError
 from medmerge_common.outdir import Say, atomic_output_dir, check_output_dir
 from merge.card import write_metadata
 from merge.io.checkpoint import Checkpoint
-from merge.io.hub import input_dirs, open_model
+from merge.io.hub import input_dirs, open_model, tokenizer_dir
 from merge.io.writer import ShardedWriter
 from merge.methods import MergeCall
 from merge.methods.common import BLOCK, MergeError
 from merge.plan import MergePlan, TensorJob, build_plan
 from merge.recipe import Recipe, load_recipe
+from merge.vocabulary import build_vocabulary
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 Loaded = tuple[list[torch.Tensor], np.random.Generator | None, list[int]]  # inputs, generator, non-finite counts
@@ -40,10 +41,15 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def plan_merge(recipe: Recipe, *, weights: bool) -> tuple[MergePlan, dict[str, Checkpoint]]:
-    """Open every model the recipe names (headers only unless `weights`) and plan the merge."""
+def plan_merge(recipe: Recipe, *, weights: bool, warn: Say | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
+    """Open every model the recipe names (headers only unless `weights`), build the output vocabulary when the
+    recipe sets one, and plan the merge."""
     models = {ref: open_model(ref, weights=weights) for ref in recipe.model_refs()}
-    return build_plan(recipe, models), models
+    vocabulary = None
+    if recipe.vocabulary_settings is not None:
+        configs = {ref: m.config for ref, m in models.items()}
+        vocabulary = build_vocabulary(recipe, configs, {ref: tokenizer_dir(ref) for ref in models}, warn)
+    return build_plan(recipe, models, vocabulary), models
 
 
 def method_rng(job: TensorJob, plan: MergePlan, seed: int) -> np.random.Generator | None:
@@ -126,7 +132,7 @@ def run_merge(
     if out is not None:
         check_output_dir(out, overwrite, inputs=[d for ref in recipe.model_refs() for d in input_dirs(ref)])
     target = check_device(device)
-    plan, models = plan_merge(recipe, weights=not dry_run)
+    plan, models = plan_merge(recipe, weights=not dry_run, warn=warn)
     if dry_run:
         return MergeResult(None, plan, time.perf_counter() - start)
     assert out is not None
@@ -137,6 +143,9 @@ def run_merge(
         tensors = [models[s.model].read(s.tensor) for s in job.sources]
         nonfinite = [count_nonfinite(x) for x in tensors]  # in the stored dtype: a cast must not hide or add any
         tensors = [x if job.copy_only else x.to(merge_dtype or x.dtype) for x in tensors]
+        if job.vocabulary:
+            assert plan.vocabulary is not None
+            tensors = plan.vocabulary.align([s.model for s in job.sources], tensors, job.base_index)
         return [x.to(target) for x in tensors], method_rng(job, plan, seed), nonfinite
 
     def check_inputs(job: TensorJob, nonfinite: list[int]) -> bool:

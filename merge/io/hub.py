@@ -19,20 +19,10 @@ from medmerge_common.errors import UserError
 from medmerge_common.hub import hub_reachable
 from merge.io.checkpoint import Checkpoint, tensors_from_header
 from merge.io.lora import ADAPTER_FILES, adapt, split_adapter
+from merge.vocabulary import TOKENIZER_FILES
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
-META_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-]
+META_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -57,6 +47,13 @@ def local_dir(ref: str) -> Path | None:
 def input_dirs(ref: str) -> list[Path]:
     """The local directories a reference reads (a model, and the adapter of `BASE+ADAPTER`)."""
     return [d for part in ref.split("+") if (d := local_dir(part))]
+
+
+def tokenizer_dir(ref: str) -> Path:
+    """A directory holding the tokenizer files of `ref` (of the base, for `BASE+ADAPTER`): the model's own
+    directory, or the hub's files (tokenizer and configs only)."""
+    ref = split_adapter(ref)[0]
+    return local_dir(ref) or _download(ref, META_PATTERNS)
 
 
 def open_model(ref: str, *, weights: bool = True) -> Checkpoint:

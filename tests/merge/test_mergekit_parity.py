@@ -19,8 +19,11 @@ def test_every_difference_from_mergekit_is_explained(tmp_path: Path) -> None:
     from compare_mergekit import run_comparison
 
     outcomes, random_outcomes = run_comparison(Path(MERGEKIT_PYTHON), tmp_path, hidden=64)
-    assert len(outcomes) == 31 and len(random_outcomes) == 4
+    assert len(outcomes) == 34 and len(random_outcomes) == 4
     assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok]
-    # only the magnitude-ranked selections may differ, and only at ties (see compare_mergekit's docstring)
-    assert all(o.differing == 0 for o in outcomes if not o.name.startswith(("ties", "breadcrumbs")))
+    # only the magnitude-ranked selections may differ, and only at ties, and padded vocabularies' mean rows, in
+    # the last bits (see compare_mergekit's docstring)
+    assert all(
+        o.differing == 0 for o in outcomes if not o.name.startswith(("ties", "breadcrumbs")) and "padded" not in o.name
+    )
     assert all(r.ok for r in random_outcomes), [r for r in random_outcomes if not r.ok]

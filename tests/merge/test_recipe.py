@@ -143,8 +143,8 @@ def test_invalid_yaml_names_the_line(write_recipe) -> None:
             "'normalize' applies to the whole merge",
         ),
         (
-            "merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
-            "'union' is not supported yet",
+            "merge_method: linear\ntokenizer_source: a/c\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "recipe.yaml:2: tokenizer_source: 'a/c' is not 'union', 'base' or one of the recipe's models",
         ),
         ("- just\n- a list\n", "expected a mapping"),
         ("", "the file is empty"),
