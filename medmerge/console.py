@@ -64,8 +64,15 @@ def describe_plan(plan: MergePlan) -> str:
         f"output      {plan.num_layers} layers, {len(plan.jobs)} tensors, "
         f"{sum(j.output.nbytes for j in plan.jobs) / 1e9:.3f} GB, "
         f"dtype {recipe.out_dtype or recipe.dtype or 'as input'}",
-        "",
     ]
+    vocabulary = plan.vocabulary
+    if vocabulary is not None and recipe.vocabulary_settings is not None:
+        lacking = {ref: int((rows < 0).sum()) for ref, rows in vocabulary.rows.items()}
+        lines.append(
+            f"vocabulary  {len(vocabulary.tokens)} tokens ({recipe.vocabulary_settings.source}), "
+            f"{vocabulary.size} rows; tokens each model lacks: " + ", ".join(f"{ref} {n}" for ref, n in lacking.items())
+        )
+    lines.append("")
     for job in plan.jobs:
         shared = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
         inputs = ", ".join(

@@ -174,3 +174,16 @@ def test_token_source_that_lacks_the_token_names_the_field(tiny, vocabularies, w
     with pytest.raises(UserError, match=r"tokenizer.tokens.hemoglobin.source: model '.*base' does not have the token"):
         run_merge(write_recipe(recipe), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_describes_the_vocabulary(tiny, vocabularies, write_recipe) -> None:
+    from medmerge.console import describe_plan
+
+    result = run_merge(write_recipe(union_recipe(tiny, vocabularies["other_vocab"])), None, dry_run=True)
+    out_vocab = result.plan.vocabulary
+    assert out_vocab is not None
+    lacking = int((out_vocab.rows[str(tiny["base"])] < 0).sum())
+    assert lacking == len(out_vocab.tokens) - 384 > 0
+    assert f"vocabulary  {len(out_vocab.tokens)} tokens (union), {len(out_vocab.tokens)} rows; " in describe_plan(
+        result.plan
+    )
