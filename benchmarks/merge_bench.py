@@ -7,8 +7,9 @@ Builds (once, under --work) a synthetic Mistral-shaped checkpoint — hidden 204
 t), ties, dare_ties, breadcrumbs_ties and della (density 0.5, weight 0.5), model_stock, nearswap, nuslerp (per
 row, about the base), multislerp, karcher, sce, ram, ramplus_tl and arcee_fusion with each tool in a fresh
 process, reporting wall time and peak RSS (from /usr/bin/time). The page cache is warmed before every run so
-both tools read the inputs from memory. Prints a Markdown table for benchmarks/RESULTS.md; --only picks
-methods.
+both tools read the inputs from memory. First it times the I/O floor (`io_floor.py`: read the three models and
+write one with plain safetensors calls, no arithmetic) and reports every merge's time as a multiple of it.
+Prints a Markdown table for benchmarks/RESULTS.md; --only picks methods.
 """
 
 from __future__ import annotations
@@ -218,13 +219,19 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
     args = parser.parse_args()
     dirs = build_models(args.work)
+    inputs = list(dirs.values())
+    floor_out = args.work / "out" / "floor"
+    floor = timed(
+        [sys.executable, str(Path(__file__).with_name("io_floor.py")), str(floor_out), *map(str, inputs)], inputs
+    )
+    shutil.rmtree(floor_out, ignore_errors=True)
+    print(f"I/O floor (read 3 models, write 1, plain safetensors): {floor[0]:.1f} s {floor[1]:.2f} GB", flush=True)
     rows = []
     for name, recipe in recipes(dirs).items():
         if args.only and name not in args.only:
             continue
         path = args.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        inputs = list(dirs.values())
         out = args.work / "out" / name
         ours = timed(
             [sys.executable, "-m", "medmerge.cli", "merge", str(path), str(out / "medmerge"), "--overwrite", "--quiet"],
@@ -246,13 +253,15 @@ def main() -> int:
         f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"
     )
-    print("| method | medmerge wall | medmerge peak RSS | mergekit wall | mergekit peak RSS | time ratio | RSS ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | medmerge wall | medmerge peak RSS | mergekit wall | mergekit peak RSS | time ratio | RSS ratio "
+        "| medmerge / I/O floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| I/O floor | {floor[0]:.1f} s | {floor[1]:.2f} GB | - | - | - | - | 1.00 |")
     for name, w, r, mw, mr in rows:
-        if mw:
-            print(f"| {name} | {w:.1f} s | {r:.2f} GB | {mw:.1f} s | {mr:.2f} GB | {w / mw:.2f} | {r / mr:.2f} |")
-        else:
-            print(f"| {name} | {w:.1f} s | {r:.2f} GB | - | - | - | - |")
+        theirs = f"{mw:.1f} s | {mr:.2f} GB | {w / mw:.2f} | {r / mr:.2f}" if mw else "- | - | - | -"
+        print(f"| {name} | {w:.1f} s | {r:.2f} GB | {theirs} | {w / floor[0]:.2f} |")
     return 0
 
 

@@ -184,34 +184,48 @@ def merge_task_vectors(
     if not others:
         return base
     deltas = [(prune(x - base, i) if prune else x - base).reshape(-1) for i, x in enumerate(others)]
-    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device).reshape(-1, 1)  # rounded like mergekit
+    w = [float(torch.tensor(x, dtype=base.dtype)) for x in weights]  # rounded to the merge dtype, like mergekit
     flat_base = base.reshape(-1)
     out = torch.empty_like(flat_base)
     for start in range(0, flat_base.numel(), BLOCK):
         block = slice(start, start + BLOCK)
-        weighted = torch.stack([d[block] for d in deltas]).mul_(w)
+        weighted = [d[block] * wi for d, wi in zip(deltas, w)]
         out[block] = _combine(flat_base[block], weighted, w, sign_consensus, normalize, lambda_)
     return out.reshape(base.shape)
 
 
+def _sum(terms: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Σ terms accumulated in float32 (float64 stays float64) and rounded once to `dtype`: what torch's sum over
+    a stacked dimension gives, without the stack and the strided reduction (4x faster on CPU)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    total = terms[0].to(wide) + 0.0  # from +0.0, as torch's sum starts: a sum of -0.0 terms is +0.0
+    for term in terms[1:]:
+        total = total + term.to(wide)
+    return total.to(dtype)
+
+
 def _combine(
-    base: torch.Tensor, weighted: torch.Tensor, w: torch.Tensor, sign_consensus: bool, normalize: bool, lambda_: float
+    base: torch.Tensor,
+    weighted: list[torch.Tensor],
+    w: list[float],
+    sign_consensus: bool,
+    normalize: bool,
+    lambda_: float,
 ) -> torch.Tensor:
-    """θ_base + λ · (consensus-masked) Σ δ_i (/ Σ w_i) for one block; `weighted` is [models, entries]."""
+    """θ_base + λ · (consensus-masked) Σ δ_i (/ Σ w_i) for one block of entries, δ_i = weighted[i]."""
+    dtype = base.dtype
     if sign_consensus:
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1, -1).to(torch.int8)
-        agrees = weighted.sign().to(torch.int8) == elected
-        merged = (weighted * agrees).sum(dim=0)
+        elected = (_sum(weighted, dtype) >= 0).to(dtype).mul_(2).sub_(1)  # γ = ±1, 0 counting as +
+        agrees = [(d * elected > 0).to(dtype) for d in weighted]  # sgn δ_i = γ; a zero δ_i never agrees
+        merged = _sum([d * a for d, a in zip(weighted, agrees)], dtype)  # a product keeps mergekit's signed zeros
         if normalize:
-            divisor = (w * agrees).sum(dim=0)
-            divisor[divisor == 0] = 1
-            merged /= divisor
+            divisor = _sum([a * wi for a, wi in zip(agrees, w)], dtype)
+            merged /= divisor.masked_fill_(divisor == 0, 1)
     else:
-        merged = weighted.sum(dim=0)
+        merged = _sum(weighted, dtype)
         if normalize:
-            divisor = w.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-            merged /= divisor
+            total = _sum([torch.tensor(wi, dtype=dtype) for wi in w], dtype)
+            merged /= total if abs(float(total)) >= 1e-8 else 1
     if lambda_ != 1:
         merged *= lambda_
-    return (base + merged).to(base.dtype)
+    return (base + merged).to(dtype)
