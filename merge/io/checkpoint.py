@@ -173,13 +173,7 @@ class Checkpoint:
         config_path = directory / "config.json"
         if not config_path.is_file():
             raise UserError(f"model '{ref}' has no config.json in {directory}")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"invalid JSON: {exc}", file=config_path) from None
-        if not isinstance(config, dict):
-            raise UserError("config.json must be a JSON object", file=config_path)
-        return cls(ref, directory, config, index_weights(ref, directory))
+        return cls(ref, directory, read_json_object(config_path), index_weights(ref, directory))
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor from disk (optionally cast to `dtype`)."""
@@ -222,6 +216,17 @@ class Checkpoint:
             f.close()
         self._files.clear()
         self._bin_state.clear()
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, adapter_config.json)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"invalid JSON: {exc}", file=path) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path.name} must be a JSON object", file=path)
+    return value
 
 
 def load_state_dict(path: Path, *, map_location: str = "cpu", mmap: bool = False) -> dict[str, torch.Tensor]:

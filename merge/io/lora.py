@@ -8,7 +8,6 @@ so the adapted model is never loaded whole nor written to disk. The arithmetic i
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from medmerge_common.errors import UserError
-from merge.io.checkpoint import Checkpoint, TensorInfo, index_file
+from merge.io.checkpoint import Checkpoint, TensorInfo, index_file, read_json_object
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 PREFIX = "base_model.model."
@@ -103,12 +102,7 @@ def adapt(ref: str, base: Checkpoint, adapter_dir: Path) -> AdaptedCheckpoint:
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(f"model '{ref}': {adapter_dir} is not a PEFT adapter (it has no adapter_config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"invalid JSON: {exc}", file=config_path) from None
-    if not isinstance(config, dict):
-        raise UserError("adapter_config.json must be a JSON object", file=config_path)
+    config = read_json_object(config_path)
     _check_config(config, config_path)
     weights_file = _weights_file(ref, adapter_dir)
     adapter = Checkpoint(ref, adapter_dir, config, index_file(weights_file))
