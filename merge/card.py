@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from merge.plan import MergePlan
-from merge.vocabulary import TOKENIZER_FILES
+from merge.vocabulary import copy_tokenizer_files
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
@@ -27,9 +27,7 @@ def write_metadata(plan: MergePlan, model_dirs: dict[str, Path | None], out: Pat
     if plan.vocabulary is not None:
         plan.vocabulary.save(out)
     elif reference_dir:  # the reference's tokenizer, which every model shares
-        for name in TOKENIZER_FILES:
-            if (reference_dir / name).is_file():
-                shutil.copyfile(reference_dir / name, out / name)
+        copy_tokenizer_files(reference_dir, out)
     if recipe.chat_template:
         template = CHATML if recipe.chat_template == "chatml" else recipe.chat_template
         (out / "chat_template.jinja").write_text(template)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medmerge_common.errors import Problem, UserError
-from merge.io.checkpoint import Checkpoint, OutputTensor, TensorInfo
+from merge.io.checkpoint import Checkpoint, OutputTensor, TensorInfo, config_int
 from merge.methods import REQUIRED
 from merge.params import layer_position, resolve
 from merge.recipe import Parameters, Recipe
@@ -92,12 +92,11 @@ class _Slice:
     base: str | None
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
 def num_layers(config: dict[str, Any]) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    text = config.get("text_config")
-    return num_layers(text) if isinstance(text, dict) else None
+    return config_int(config, *LAYER_KEYS)
 
 
 def build_plan(recipe: Recipe, models: dict[str, Checkpoint], vocabulary: Vocabulary | None = None) -> MergePlan:
@@ -189,7 +188,6 @@ def _check_architectures(
 
 def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Problem]) -> list[_Slice]:
     """The recipe's inputs as slices (the `models:` form is one slice over every layer)."""
-    method = recipe.method
 
     def layers_of(ref: str, path: tuple) -> int:
         n = num_layers(models[ref].config)
@@ -212,7 +210,7 @@ def _slices(recipe: Recipe, models: dict[str, Checkpoint], problems: list[Proble
 
     if recipe.models:
         entries = [(m.model, m.parameters, ("models", i, "model")) for i, m in enumerate(recipe.models)]
-        if method.takes_base and recipe.base_model and recipe.base_model not in [e[0] for e in entries]:
+        if recipe.base_joins_models and recipe.base_model:
             entries.append((recipe.base_model, None, ("base_model",)))
         counts = {ref: layers_of(ref, path) for ref, _, path in entries}
         if len(set(counts.values())) > 1:
@@ -261,8 +259,8 @@ def _job(
     With an output vocabulary, a tensor whose rows are each model's tokens (its first dimension is the model's
     vocab_size: embeddings, lm_head) gets that vocabulary's rows."""
     by_token = vocabulary is not None and all(
-        models[s.model].tensors.get(inputs[s.model]) is not None
-        and models[s.model].tensors[inputs[s.model]].shape[:1] == (vocab_size(models[s.model].config),)
+        (info := models[s.model].tensors.get(inputs[s.model])) is not None
+        and info.shape[:1] == (vocab_size(models[s.model].config),)
         for s in sl.sources
     )
     found = _input_tensors(recipe, models, sl, out_name, inputs, problems, by_token)
@@ -399,12 +397,14 @@ def _output_config(
     vocabulary: Vocabulary | None,
 ) -> dict[str, Any]:
     config = copy.deepcopy(reference)
-    target = config["text_config"] if "num_hidden_layers" not in config and "text_config" in config else config
+
+    def holder(key: str) -> dict[str, Any]:  # where config_int reads `key`: the top level, else text_config
+        return config["text_config"] if key not in config and isinstance(config.get("text_config"), dict) else config
+
     if vocabulary is not None:
-        (config if "vocab_size" in config or "text_config" not in config else config["text_config"])["vocab_size"] = (
-            vocabulary.size
-        )
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        holder("vocab_size")["vocab_size"] = vocabulary.size
+    target = holder("num_hidden_layers")
+    for key in LAYER_KEYS:
         if key in target:
             target[key] = total_layers
     if isinstance(target.get("layer_types"), list):

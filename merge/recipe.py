@@ -134,6 +134,17 @@ class Recipe(_Strict):
             return self.tokenizer
         return TokenizerSettings(source=self.tokenizer_source) if self.tokenizer_source else None
 
+    @property
+    def base_joins_models(self) -> bool:
+        """Whether the base model is an input beside the `models:` list (a method that takes a base, a base not
+        listed among them)."""
+        return bool(
+            self.models
+            and self.base_model
+            and self.method.takes_base
+            and self.base_model not in [m.model for m in self.models]
+        )
+
     def where(self, *path: str | int) -> dict[str, Any]:
         """file/line/field keyword arguments for an error about `path`."""
         return {"file": self.source_file, "line": line_of(self.lines, path), "field": field_name(path)}
@@ -205,9 +216,7 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
     # inputs per output slice, for the method's input count
     groups: list[tuple[list[str], str | None, tuple]] = []
     if r.models:
-        refs = [m.model for m in r.models]
-        if r.base_model and method.takes_base and r.base_model not in refs:
-            refs.append(r.base_model)
+        refs = [m.model for m in r.models] + ([r.base_model] if r.base_joins_models and r.base_model else [])
         groups.append((refs, r.base_model, ("models",)))
     for i, s in enumerate(r.slices or []):
         groups.append(([src.model for src in s.sources], s.base_model or r.base_model, ("slices", i, "sources")))

@@ -13,6 +13,7 @@ is built in a fixed order: the base first, then the recipe's models in order, ea
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any
 import torch
 
 from medmerge_common.errors import UserError
+from medmerge_common.outdir import Say
+from merge.io.checkpoint import config_int
+from merge.recipe import ModelToken, Recipe, TokenizerSettings, ZeroToken
 
 TOKENIZER_FILES = [
     "tokenizer.json",
@@ -74,10 +78,15 @@ class Vocabulary:
     def save(self, out: Path) -> None:
         if self.copy_from is None:
             self.tokenizer.save_pretrained(str(out))
-            return
-        for name in TOKENIZER_FILES:
-            if (self.copy_from / name).is_file():
-                (out / name).write_bytes((self.copy_from / name).read_bytes())
+        else:
+            copy_tokenizer_files(self.copy_from, out)
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> None:
+    """The tokenizer files of model directory `source`, copied byte for byte into `out`."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
 
 
 def align_rows(
@@ -150,10 +159,7 @@ def _rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def vocab_size(config: dict[str, Any]) -> int | None:
     """The number of token rows a model's config declares."""
-    if isinstance(config.get("vocab_size"), int):
-        return config["vocab_size"]
-    text = config.get("text_config")
-    return vocab_size(text) if isinstance(text, dict) else None
+    return config_int(config, "vocab_size")
 
 
 def has_tokenizer(directory: Path | None) -> bool:
@@ -163,16 +169,17 @@ def has_tokenizer(directory: Path | None) -> bool:
 
 
 def build_vocabulary(
-    recipe: Any,
+    recipe: Recipe,
     configs: dict[str, dict[str, Any]],
     tokenizer_dirs: dict[str, Path | None],
-    warn: Any = None,
+    warn: Say | None = None,
 ) -> Vocabulary:
     """The output vocabulary of `recipe` (a Recipe with vocabulary settings) and each model's rows for it, from
     the models' tokenizers (`tokenizer_dirs`) and configs (their `vocab_size`: rows past it are padding)."""
     from transformers import AutoTokenizer
 
     settings = recipe.vocabulary_settings
+    assert settings is not None
     refs = recipe.model_refs()
     base = recipe.base_model or refs[0]
 
@@ -247,16 +254,14 @@ def _add_union(out: Any, tokenizers: list[Any], sizes: list[int]) -> None:
 
 
 def _token_rules(
-    recipe: Any,
-    settings: Any,
+    recipe: Recipe,
+    settings: TokenizerSettings,
     vocab: dict[str, int],
     rows: dict[str, torch.Tensor],
     tokenizers: dict[str, Any],
     sizes: dict[str, int],
 ) -> dict[int, TokenRule]:
     """`tokenizer.tokens`, resolved to output ids and source rows, each checked against the models."""
-    from merge.recipe import ModelToken, ZeroToken
-
     rules = {}
     for token, entry in (settings.tokens or {}).items():
         where = recipe.where("tokenizer", "tokens", token, "source")

@@ -229,6 +229,16 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
+def config_int(config: dict[str, Any], *keys: str) -> int | None:
+    """The first of `keys` that a model config holds as an integer, at its top level or in its `text_config`
+    (multimodal models keep the language model's sizes there)."""
+    for key in keys:
+        if isinstance(config.get(key), int):
+            return config[key]
+    text = config.get("text_config")
+    return config_int(text, *keys) if isinstance(text, dict) else None
+
+
 def load_state_dict(path: Path, *, map_location: str = "cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
     """A `.bin` state dict through torch's weights-only unpickler; anything else in the pickle is refused, and
     never loaded with the unsafe unpickler."""
