@@ -67,6 +67,40 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe(args: argparse.Namespace) -> int:
+    if args.out_dir is None and not args.dry_run:
+        raise UserError("give OUT_DIR, the directory to write the mixture of experts to (only --dry-run needs none)")
+    with interrupts_held():
+        import torch
+
+        from medmerge.console import progress_bar
+        from merge.moe.build import PromptRun, build_moe
+
+    with progress_bar(f"building {Path(args.config).name}", enabled=not (args.quiet or args.dry_run)) as progress:
+        result = build_moe(
+            args.config,
+            args.out_dir,
+            prompt_run=PromptRun(args.device, getattr(torch, args.prompt_dtype), args.quantization),
+            shard_bytes=args.out_shard_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            allow_all_same=args.allow_all_same,
+            progress=progress,
+            warn=warn,
+        )
+    plan = result.plan
+    summary = (
+        f"{plan.layout.name}: {len(plan.config.experts)} experts x {plan.num_layers} layers, "
+        f"{plan.config.experts_per_token} per token, gate_mode {plan.config.gate_mode}, {len(plan.tensors)} tensors"
+    )
+    if args.dry_run:
+        print(summary)
+    elif not args.quiet:
+        print(f"wrote {result.out_dir} ({summary}, {result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def _print_report(leaderboard: Path) -> None:
     print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
 
@@ -187,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.set_defaults(func=cmd_merge)
 
+    _add_moe_parser(sub)
+
     run = sub.add_parser(
         "run",
         help="run an experiment file: merge, evaluate with lm-eval, report (resumable)",
@@ -260,6 +296,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_moe_parser(sub: argparse._SubParsersAction) -> None:
+    moe = sub.add_parser(
+        "moe",
+        help="build a mixture of experts from dense models (mergekit-moe's config)",
+        description="Build a Mixtral (or Qwen MoE / Qwen3 MoE) mixture of experts from dense Llama/Mistral/Qwen "
+        "models, read from a mergekit-moe YAML config: attention, embeddings and norms from base_model, each "
+        "expert's MLPs from its model, router rows from the experts' prompts. `medmerge moe CONFIG OUT_DIR` is "
+        "short for `medmerge moe build CONFIG OUT_DIR`.",
+    )
+    actions = moe.add_subparsers(dest="moe_command", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="build the MoE a config describes",
+        description="Build the mixture of experts of a mergekit-moe config into OUT_DIR (written atomically; loads "
+        "with transformers' AutoModelForCausalLM and `lm_eval --model hf`).",
+    )
+    build.add_argument("config", help="the MoE config YAML file (mergekit-moe's format)")
+    build.add_argument("out_dir", nargs="?", help="output model directory; optional with --dry-run")
+    build.add_argument(
+        "--device", default="cpu", help="where the base model runs the prompts: cpu (default) or cuda[:N]"
+    )
+    build.add_argument(
+        "--prompt-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype the base model runs the prompts in (gate_mode hidden*): bfloat16 (default) gives mergekit-moe's "
+        "rows to the bit; float32 is ~5x faster on CPUs without bfloat16 units",
+    )
+    build.add_argument(
+        "--quantization",
+        choices=["4bit", "8bit"],
+        help="load the base model in 4-/8-bit (bitsandbytes, CUDA) to run the prompts (gate_mode hidden*)",
+    )
+    build.add_argument(
+        "--out-shard-size",
+        type=parse_size,
+        default=parse_size("5GB"),
+        metavar="SIZE",
+        help="largest output shard, e.g. 2GB, 500MB (default 5GB)",
+    )
+    build.add_argument("--seed", type=int, default=0, help="seed of random gates and expert noise (default 0)")
+    build.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if medmerge or mergekit wrote it")
+    build.add_argument(
+        "--allow-all-same",
+        "--i-understand-this-is-not-useful-without-training",
+        dest="allow_all_same",
+        action="store_true",
+        help="build even when every expert is the same model (useful only to train the result)",
+    )
+    build.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    build.add_argument(
+        "--dry-run", action="store_true", help="check the config and the models' configs/headers; read no weights"
+    )
+    build.set_defaults(func=cmd_moe)
+
+
+MOE_ACTIONS = ("build", "train-router", "-h", "--help")
+
+
+def _moe_shorthand(argv: list[str]) -> list[str]:
+    """`medmerge moe CONFIG OUT_DIR` -> `medmerge moe build CONFIG OUT_DIR`."""
+    if len(argv) > 1 and argv[0] == "moe" and argv[1] not in MOE_ACTIONS:
+        return ["moe", "build", *argv[1:]]
+    return argv
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (sent by `timeout`, SLURM, `docker stop`), handled like Ctrl-C: outputs in progress are removed."""
 
@@ -304,7 +406,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
-            args = build_parser().parse_args(argv)
+            args = build_parser().parse_args(_moe_shorthand(list(sys.argv[1:] if argv is None else argv)))
             func: Callable[[argparse.Namespace], int] = args.func
             return func(args)
     except UserError as exc:

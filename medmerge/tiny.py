@@ -57,13 +57,12 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
 ):
-    """A randomly initialised tiny causal LM saved (with the tokenizer) to `out_dir`."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    """A randomly initialised tiny causal LM (arch: mistral, llama, qwen2 or qwen3) saved with the tokenizer."""
+    import transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
-        arch
-    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    prefix = {"mistral": "Mistral", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

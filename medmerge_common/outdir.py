@@ -33,7 +33,8 @@ from pathlib import Path
 
 from medmerge_common.errors import UserError
 
-MODEL_MARKERS = ("medmerge_recipe.yaml", "mergekit_config.yml")  # files only a merge tool's output holds
+# files only a merge tool's output holds: merges and MoEs by medmerge and mergekit
+MODEL_MARKERS = ("medmerge_recipe.yaml", "mergekit_config.yml", "medmerge_moe.yaml", "mergekit_moe_config.yml")
 Say = Callable[[str], None]
 
 

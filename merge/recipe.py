@@ -199,13 +199,9 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
         problem("give either 'models' or 'slices' (exactly one of them)", "models" if r.models else "merge_method")
         return out, warnings
     for ref, path in _model_ref_paths(r):
-        if ref.count("+") > 1:
-            problem(f"model '{ref}' has more than one '+' (a LoRA input is written BASE+ADAPTER)", *path)
-            continue
-        base, adapter = split_adapter(ref)
-        for part, what in ((base, "model"), (adapter, "adapter")):
-            if part is not None and not (Path(part).expanduser().exists() or HUB_ID.match(part)):
-                problem(f"{what} '{part}' is neither an existing directory nor a hub id (org/name[@revision])", *path)
+        bad = model_ref_problem(ref)
+        if bad:
+            problem(bad, *path)
     out += _check_tokenizer(r)
 
     if r.chat_template and r.chat_template != "chatml" and "{" not in r.chat_template:
@@ -289,6 +285,17 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
                 )
     out += _check_required(r, method)
     return out, warnings
+
+
+def model_ref_problem(ref: str) -> str | None:
+    """Why `ref` cannot name a model (None if it can): an existing directory or a hub id, `+ADAPTER` optional."""
+    if ref.count("+") > 1:
+        return f"model '{ref}' has more than one '+' (a LoRA input is written BASE+ADAPTER)"
+    base, adapter = split_adapter(ref)
+    for part, what in ((base, "model"), (adapter, "adapter")):
+        if part is not None and not (Path(part).expanduser().exists() or HUB_ID.match(part)):
+            return f"{what} '{part}' is neither an existing directory nor a hub id (org/name[@revision])"
+    return None
 
 
 def _check_tokenizer(r: Recipe) -> list[Problem]:

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from medmerge_common.errors import UserError
-from medmerge_common.outdir import Say, atomic_output_dir, check_output_dir
+from medmerge_common.outdir import Say, check_output_dir
 from merge.card import write_metadata
 from merge.io.checkpoint import Checkpoint
 from merge.io.hub import input_dirs, open_model, tokenizer_dir
-from merge.io.writer import ShardedWriter
+from merge.io.writer import ShardedWriter, model_output
 from merge.methods import MergeCall
 from merge.methods.common import BLOCK, MergeError
 from merge.plan import MergePlan, TensorJob, build_plan
@@ -159,16 +159,13 @@ def run_merge(
         return not any(nonfinite)
 
     try:
-        with atomic_output_dir(out, overwrite, inputs=inputs, say=warn) as staging:
-            writer = ShardedWriter(staging, [j.output for j in plan.jobs], shard_bytes, {"medmerge_seed": str(seed)})
-            try:
-                _merge_all(plan, load, check_inputs, writer, progress)
-                writer.close()
-                write_metadata(plan, {ref: m.directory for ref, m in models.items()}, staging, recipe.source_text, seed)
-            except OSError as exc:  # a full disk, a read-only file system, a name too long
-                raise UserError(f"cannot write the output into {out}: {exc.strerror or exc}") from None
-            finally:
-                writer.abort()
+        outputs = [j.output for j in plan.jobs]
+        metadata = {"medmerge_seed": str(seed)}
+        with model_output(
+            out, outputs, overwrite=overwrite, inputs=inputs, shard_bytes=shard_bytes, metadata=metadata, say=warn
+        ) as (staging, writer):
+            _merge_all(plan, load, check_inputs, writer, progress)
+            write_metadata(plan, {ref: m.directory for ref, m in models.items()}, staging, recipe.source_text, seed)
     finally:
         for model in models.values():
             model.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -188,9 +189,8 @@ class Checkpoint:
         try:
             f = self._files.get(info.file)
             if f is None:
-                f = self._files[info.file] = open(self.directory / info.file, "rb")  # noqa: SIM115
-            f.seek(info.offset)
-            complete = f.readinto(buffer.numpy()) == info.nbytes
+                f = self._files.setdefault(info.file, open(self.directory / info.file, "rb"))  # noqa: SIM115
+            complete = _read_at(f.fileno(), memoryview(buffer.numpy()), info.offset)
         except OSError as exc:
             raise UserError(
                 f"cannot read tensor '{name}': {exc.strerror or exc}", file=self.directory / info.file
@@ -216,6 +216,18 @@ class Checkpoint:
             f.close()
         self._files.clear()
         self._bin_state.clear()
+
+
+def _read_at(fd: int, buffer: memoryview, offset: int) -> bool:
+    """Fill `buffer` from `offset` of file `fd` with positioned reads (no shared file position, so threads may read
+    one file at once); False if the file ends first."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            return False
+        done += n
+    return True
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

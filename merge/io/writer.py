@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 import torch
 
+from medmerge_common.errors import UserError
+from medmerge_common.outdir import Say, atomic_output_dir
 from merge.io.checkpoint import DTYPE_NAMES, OutputTensor
 
 
@@ -99,3 +102,27 @@ class ShardedWriter:
 
     def abort(self) -> None:
         self._close_file()
+
+
+@contextmanager
+def model_output(
+    out: Path,
+    tensors: Sequence[OutputTensor],
+    *,
+    overwrite: bool,
+    inputs: Sequence[Path],
+    shard_bytes: int,
+    metadata: dict[str, str],
+    say: Say,
+) -> Iterator[tuple[Path, ShardedWriter]]:
+    """(staging directory, writer) for a model directory `out` that appears whole when the block ends (or not at
+    all); every planned tensor must have been written. A full disk or a read-only file system is one line."""
+    with atomic_output_dir(out, overwrite, inputs=inputs, say=say) as staging:
+        writer = ShardedWriter(staging, tensors, shard_bytes, metadata)
+        try:
+            yield staging, writer
+            writer.close()
+        except OSError as exc:  # a full disk, a read-only file system, a name too long
+            raise UserError(f"cannot write the output into {out}: {exc.strerror or exc}") from None
+        finally:
+            writer.abort()

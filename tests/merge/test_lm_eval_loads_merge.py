@@ -1,4 +1,4 @@
-"""A merged directory plugs straight into lm-eval's `hf` model."""
+"""A merged directory, and a mixture of experts, plug straight into lm-eval's `hf` model."""
 
 from __future__ import annotations
 
@@ -6,27 +6,21 @@ import json
 
 import pytest
 
+from merge.moe.build import build_moe
 from merge.run import run_merge
 
 
 @pytest.mark.slow
-def test_lm_eval_scores_a_merged_tiny_model(tiny, write_recipe, tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["merge", "moe"])
+def test_lm_eval_scores_a_merged_tiny_model(tiny, write_recipe, tmp_path, kind) -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    path = write_recipe(
-        {
-            "merge_method": "slerp",
-            "base_model": str(tiny["base"]),
-            "parameters": {"t": 0.5},
-            "dtype": "bfloat16",
-            "out_dtype": "float32",
-            "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}],
-        }
-    )
     out = tmp_path / "merged"
-    run_merge(path, out)
-
+    if kind == "moe":
+        build_moe(write_recipe(_moe_config(tiny), "moe.yaml"), out)
+    else:
+        _merge(tiny, write_recipe, out)
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
     rows = [{"question": f"Is {i} even? Answer:", "label": i % 2} for i in range(6)]
@@ -56,3 +50,28 @@ metric_list:
     metrics = results["results"]["tiny_merge_check"]
     assert 0.0 <= metrics["acc,none"] <= 1.0
     assert results["n-samples"]["tiny_merge_check"]["effective"] == 6
+
+
+def _merge(tiny, write_recipe, out) -> None:
+    path = write_recipe(
+        {
+            "merge_method": "slerp",
+            "base_model": str(tiny["base"]),
+            "parameters": {"t": 0.5},
+            "dtype": "bfloat16",
+            "out_dtype": "float32",
+            "models": [{"model": str(tiny["base"])}, {"model": str(tiny["ft1"])}],
+        }
+    )
+    run_merge(path, out)
+
+
+def _moe_config(tiny) -> dict:
+    return {
+        "base_model": str(tiny["base"]),
+        "gate_mode": "hidden",
+        "experts": [
+            {"source_model": str(tiny["ft1"]), "positive_prompts": ["Is 2 even?"]},
+            {"source_model": str(tiny["ft2"]), "positive_prompts": ["The heart pumps blood"]},
+        ],
+    }

@@ -27,3 +27,14 @@ def test_every_difference_from_mergekit_is_explained(tmp_path: Path) -> None:
         o.differing == 0 for o in outcomes if not o.name.startswith(("ties", "breadcrumbs")) and "padded" not in o.name
     )
     assert all(r.ok for r in random_outcomes), [r for r in random_outcomes if not r.ok]
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MEDMERGE_MERGEKIT_PYTHON to a venv python with mergekit 0.1.5")
+def test_moe_equals_mergekit_moe(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from compare_mergekit_moe import run_comparison
+
+    outcomes = run_comparison(Path(MERGEKIT_PYTHON), tmp_path)
+    assert len(outcomes) == 8
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok]

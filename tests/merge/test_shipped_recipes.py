@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from merge.moe.build import build_moe
+from merge.moe.config import load_moe_config
 from merge.recipe import load_recipe
 from merge.run import run_merge
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+MOE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "recipes" / "moe").glob("*.yaml"))
 MISTRAL_7B = {
     "architectures": ["MistralForCausalLM"],
     "model_type": "mistral",
@@ -67,6 +70,7 @@ def header_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoded = json.dumps(header).encode()
     data_bytes = max(entry["data_offsets"][1] for entry in header.values())
     refs = {ref for path in RECIPES for ref in load_recipe(path).model_refs()}
+    refs |= {ref for path in MOE_CONFIGS for ref in load_moe_config(path).model_refs()}
     for ref in refs:
         directory = root / ref
         directory.mkdir(parents=True)
@@ -111,3 +115,15 @@ def test_shipped_recipe_plans_without_download(path: Path, header_mirror: Path, 
         assert t["model.layers.31.self_attn.q_proj.weight"] == 1.0
         assert t["model.layers.31.mlp.up_proj.weight"] == 0.0
         assert t["model.embed_tokens.weight"] == 0.5 and t["lm_head.weight"] == 0.5
+
+
+@pytest.mark.parametrize("path", MOE_CONFIGS, ids=[p.name for p in MOE_CONFIGS])
+def test_shipped_moe_config_plans_without_download(
+    path: Path, header_mirror: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("MEDMERGE_MODEL_DIR", str(header_mirror))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = build_moe(path, tmp_path / "out", dry_run=True).plan
+    assert plan.layout.name == "Mixtral" and plan.num_layers == 32 and len(plan.config.experts) == 2
+    assert len(plan.tensors) == (3 + 32 * 6) + 32 * 2 * 3 + 32  # base's non-MLP tensors, experts' MLPs, routers
+    assert "BioMistral/BioMistral-7B" in plan.config.model_refs() and not (tmp_path / "out").exists()

@@ -1,0 +1,51 @@
+"""bitsandbytes 4-/8-bit loading settings, shared by `--model medmerge-hf` and `medmerge moe --quantization`.
+
+torch and transformers are imported only when a config is made, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def bnb_config(
+    quantization: str | None, quant_type: str = "nf4", compute_dtype: str = "bfloat16", double_quant: bool | str = False
+) -> Any:
+    """A transformers BitsAndBytesConfig for `quantization` (None: no quantization). Bad values raise ValueError."""
+    if quantization in (None, "", "none"):
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ValueError(f"quantization must be 4bit or 8bit, got {quantization!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        bnb_4bit_use_double_quant=str(double_quant).lower() in ("true", "1"),
+    )
+
+
+def check_bitsandbytes() -> None:
+    """Raise one clear RuntimeError where bitsandbytes cannot quantize here (not installed, no CUDA GPU)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("quantization needs bitsandbytes: pip install 'medmerge[quant]'")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "bitsandbytes 4-/8-bit loading needs a CUDA GPU and none is available "
+            "here; load the model unquantized (bf16/fp32) instead"
+        )
