@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,7 @@ class Checkpoint:
         self.tensors = tensors
         self._files: dict[str, Any] = {}
         self._bin_state: dict[str, dict[str, torch.Tensor]] = {}
+        self._opening = threading.Lock()  # reads are positioned, so threads share the open files
 
     @property
     def directories(self) -> list[Path]:
@@ -187,9 +189,10 @@ class Checkpoint:
             return tensor
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
-            f = self._files.get(info.file)
-            if f is None:
-                f = self._files.setdefault(info.file, open(self.directory / info.file, "rb"))  # noqa: SIM115
+            with self._opening:
+                f = self._files.get(info.file)
+                if f is None:
+                    f = self._files[info.file] = open(self.directory / info.file, "rb")  # noqa: SIM115
             complete = _read_at(f.fileno(), memoryview(buffer.numpy()), info.offset)
         except OSError as exc:
             raise UserError(
