@@ -101,6 +101,56 @@ def cmd_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_router(args: argparse.Namespace) -> int:
+    with interrupts_held():
+        from medmerge.console import progress_bar
+        from medmerge.router_training import RouterSettings, train_router
+        from medmerge_tasks.sources import DatasetMissing, labelled_medmcqa
+
+    questions = {}
+    for option, source in (("--data", args.data), ("--validation-data", args.validation_data)):
+        try:
+            questions[option] = labelled_medmcqa(source) if source else None
+        except (ValueError, DatasetMissing) as exc:
+            raise UserError(f"{option}: {exc}") from None
+    settings = RouterSettings(
+        router=args.router,
+        top_k=args.top_k,
+        noise=args.noise,
+        capacity_factor=args.capacity_factor,
+        load_balancing=args.load_balancing,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        validation_fraction=args.validation_fraction,
+        limit=args.limit,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+    )
+    say = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    with progress_bar(f"training {Path(args.moe_dir).name}'s routers", enabled=not args.quiet) as progress:
+        result = train_router(
+            args.moe_dir,
+            args.out_dir,
+            questions["--data"],
+            questions["--validation-data"],
+            settings=settings,
+            data_names=(args.data, args.validation_data),
+            overwrite=args.overwrite,
+            progress=progress,
+            say=say,
+        )
+    best = result.epochs[result.best_epoch]
+    say(
+        f"wrote {result.out_dir} (epoch {result.best_epoch} of {len(result.epochs) - 1}: validation accuracy "
+        f"{best.validation_accuracy:.4f}, was {result.epochs[0].validation_accuracy:.4f}; {result.seconds:.1f} s)"
+    )
+    return 0
+
+
 def _print_report(leaderboard: Path) -> None:
     print(f"report: {leaderboard.parent / 'index.html'} ({leaderboard})")
 
@@ -350,6 +400,80 @@ def _add_moe_parser(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check the config and the models' configs/headers; read no weights"
     )
     build.set_defaults(func=cmd_moe)
+
+    train = actions.add_parser(
+        "train-router",
+        help="train a mixture of experts' routers on labelled questions, experts frozen",
+        description="Train the router of every layer of a Mixtral / Qwen MoE (the experts and everything else "
+        "frozen) on labelled multiple-choice questions in MedMCQA's [INST] prompt, the answer letter as the target; "
+        "keep the epoch with the best validation accuracy. OUT_DIR is the MoE with the trained routers (noise and "
+        "capacity off), loadable by transformers and `lm_eval --model hf`, plus router_training.json (losses, "
+        "accuracy and per-layer expert choices per epoch).",
+    )
+    train.add_argument("moe_dir", help="the mixture of experts (a directory `medmerge moe` or mergekit-moe wrote)")
+    train.add_argument(
+        "--data",
+        required=True,
+        help="labelled questions: `medmcqa` (MedMCQA's train split, from the hub or "
+        "MEDMERGE_DATA_DIR) or a .jsonl/.json/.parquet file in MedMCQA's schema (question, opa-opd, cop)",
+    )
+    train.add_argument("-o", "--out", dest="out_dir", required=True, help="output model directory")
+    train.add_argument(
+        "--validation-data", help="validation questions (same forms as --data); default: held out of --data"
+    )
+    train.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of --data held out for validation when --validation-data is not given (default 0.1)",
+    )
+    train.add_argument("--limit", type=float, help="train on this many questions (or this fraction of them, when < 1)")
+    train.add_argument(
+        "--router",
+        choices=["linear", "noisy_topk"],
+        default="linear",
+        help="linear (softmax over the top k) or noisy_topk (Gaussian noise on the logits while training)",
+    )
+    train.add_argument(
+        "--top-k", type=positive_int, help="experts per token, in training and in OUT_DIR (default: the MoE's)"
+    )
+    train.add_argument("--noise", type=float, help="standard deviation of the logit noise (noisy_topk; default 1.0)")
+    train.add_argument(
+        "--capacity-factor",
+        type=float,
+        help="limit each expert to ceil(k * tokens / experts * FACTOR) tokens per training batch (e.g. 1.25); "
+        "default: no limit",
+    )
+    train.add_argument(
+        "--load-balancing",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="weight of the Switch-style load-balancing loss (e.g. 0.01; default 0: off)",
+    )
+    train.add_argument("--epochs", type=positive_int, default=3, help="most epochs (default 3)")
+    train.add_argument(
+        "--patience",
+        type=positive_int,
+        default=2,
+        help="stop after this many epochs without a better validation score (default 2)",
+    )
+    train.add_argument("--batch-size", type=positive_int, default=8, help="questions per step (default 8)")
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the router weights (1e-4)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the order and the noise (default 0)")
+    train.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    train.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the frozen model (default auto: bfloat16 on CUDA, float32 on CPU); routers train in float32",
+    )
+    train.add_argument(
+        "--quantization", choices=["4bit", "8bit"], help="load the frozen model in 4-/8-bit (bitsandbytes, CUDA)"
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if medmerge or mergekit wrote it")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.set_defaults(func=cmd_train_router)
 
 
 MOE_ACTIONS = ("build", "train-router", "-h", "--help")

@@ -34,6 +34,7 @@ from pathlib import Path
 from medmerge_common.errors import UserError
 
 # files only a merge tool's output holds: merges and MoEs by medmerge and mergekit
+ROUTER_TRAINING_LOG = "router_training.json"  # `medmerge moe train-router`'s log, beside the model it trained
 MODEL_MARKERS = ("medmerge_recipe.yaml", "mergekit_config.yml", "medmerge_moe.yaml", "mergekit_moe_config.yml")
 Say = Callable[[str], None]
 

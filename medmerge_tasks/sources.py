@@ -311,14 +311,69 @@ def truthfulqa_mcq_docs(category: str, truthful: bool) -> list[dict[str, Any]]:
 
 def medmcqa_docs() -> list[dict[str, Any]]:
     """MedMCQA's validation split (its labelled test set) in the [INST] prompt, zero-shot."""
+    return [medmcqa_inst_doc(q) for q in corpus_questions("medmcqa", "test")]
+
+
+def medmcqa_inst_doc(q: Question) -> dict[str, Any]:
+    """One MedMCQA question as a medmerge_medmcqa_inst doc: the [INST] prompt, letters A-D scored as " <letter>"."""
     from medmerge_tasks.prompts import render
 
-    return [
-        {
-            "id": q.id,
-            "prompts": [render("medmcqa_inst.jinja", question=q.question, options=list(q.options))],
-            "choices": ["A", "B", "C", "D"],
-            "gold": q.gold,
-        }
-        for q in corpus_questions("medmcqa", "test")
-    ]
+    prompt = render("medmcqa_inst.jinja", question=q.question, options=list(q.options))
+    return {"id": q.id, "prompts": [prompt], "choices": ["A", "B", "C", "D"], "gold": q.gold}
+
+
+MEDMCQA_FIELDS = ("question", "opa", "opb", "opc", "opd", "cop")
+
+
+def labelled_medmcqa(source: str) -> list[Question]:
+    """Labelled MedMCQA questions to train on: `medmcqa` is MedMCQA's train split (hub or mirror); otherwise a
+    .jsonl, .json (a list) or .parquet file of records in MedMCQA's schema (question, opa-opd, cop 0-3).
+
+    MedMCQA's validation split is refused: it is the labelled test set medmerge_medmcqa_inst reports on."""
+    if source in ("medmcqa", "medmcqa:train"):
+        return corpus_questions("medmcqa", "fewshot")
+    if source.startswith("medmcqa:"):
+        raise ValueError(
+            f"{source}: only MedMCQA's train split can be trained on (its validation split is the test set "
+            "medmerge_medmcqa_inst reports)"
+        )
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{source}: no such file (give `medmcqa` or a .jsonl/.json/.parquet file in MedMCQA's schema)")
+    if path.suffix == ".parquet":
+        records = [(i + 1, r) for i, r in enumerate(_parquet_rows(path.parent, path.name))]
+        where = "row"
+    elif path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+        where = "line"
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of MedMCQA records")
+        records, where = list(enumerate(data, 1)), "record"
+    else:
+        raise ValueError(f"{path}: expected a .jsonl, .json or .parquet file of MedMCQA records")
+    return [_medmcqa_question(path, where, n, r) for n, r in records]
+
+
+def _medmcqa_question(path: Path, where: str, number: int, record: Any) -> Question:
+    place = f"{path}:{number}" if where == "line" else f"{path}: {where} {number}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{place}: expected a record with {', '.join(MEDMCQA_FIELDS)}")
+    for field in MEDMCQA_FIELDS:
+        value = record.get(field)
+        if field == "cop":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 3:
+                raise ValueError(f"{place}: cop: expected the answer's index 0-3 (opa-opd), got {value!r}")
+        elif not isinstance(value, str):
+            raise ValueError(f"{place}: {field}: expected text, got {value!r}")
+    return CORPORA["medmcqa"].read({"id": f"{path.name}:{number}", **record})

@@ -1,7 +1,9 @@
-"""The report's figures (matplotlib, headless): task bars for all models, TruthfulQA plain vs truthful prompt."""
+"""The report's figures (matplotlib, headless): task bars for all models, TruthfulQA plain vs truthful prompt,
+and the per-layer expert choices of MoEs whose routers medmerge trained."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend switc
 
 from medmerge.report.results import display_metric
 from medmerge.report.table import Cell, Column, Leaderboard, Row
+from medmerge_common.outdir import ROUTER_TRAINING_LOG
 
 # TruthfulQA health forms: (plain group, truthful group, metrics drawn, file stem)
 TRUTHFULQA_FORMS = (
@@ -202,6 +205,69 @@ def _draw_pairings(
     fig.savefig(path, dpi=110)
 
 
+def router_figures(board: Leaderboard, out: Path) -> list[Figure]:
+    """For every row whose model directory holds a router training log (`medmerge moe train-router`), the studies'
+    layer-wise analysis: per layer, the share of validation tokens that chose each expert and each expert's mean
+    routing weight, as built (epoch 0, hollow) and as kept (the best epoch, filled)."""
+    figures = []
+    for index, row in enumerate(board.rows):
+        log_path = Path(row.model) / ROUTER_TRAINING_LOG
+        if not log_path.is_file():
+            continue
+        try:
+            log = json.loads(log_path.read_text(encoding="utf-8"))
+            epochs = {e["epoch"]: e for e in log["epochs"]}
+            drawn = (epochs[0], epochs[log["best_epoch"]])
+            experts = int(log["experts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a log this report cannot read is not worth failing the report for
+        fig = MplFigure(figsize=(10, 3.6))
+        axes = fig.subplots(1, 2)
+        layers = len(drawn[0]["validation_choices"])
+        width = 0.8 / (2 * experts)
+        colours = colormaps["tab10"]
+        for ax, (key, ylabel) in zip(
+            axes, (("validation_choices", "share of tokens choosing it"), ("validation_weights", "mean routing weight"))
+        ):
+            for e_index, epoch in enumerate(drawn):
+                for expert in range(experts):
+                    values = []
+                    for layer in range(layers):
+                        value = float(epoch[key][layer][expert])
+                        tokens = sum(epoch["validation_choices"][layer]) / log["settings"]["top_k"]
+                        values.append(value / tokens if key == "validation_choices" and tokens else value)
+                    slot = expert * 2 + e_index
+                    ax.bar(
+                        [x + (slot - (2 * experts - 1) / 2) * width for x in range(layers)],
+                        values,
+                        width,
+                        color=colours(expert) if e_index else "none",
+                        edgecolor=colours(expert),
+                        label=f"expert {expert} ({'trained' if e_index else 'as built'})",
+                    )
+            ax.set_xticks(range(layers))
+            ax.set_xticklabels([str(layer) for layer in range(layers)], fontsize=8)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(0, 1.05)
+            ax.grid(axis="y", alpha=0.3)
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        fig.suptitle(f"{row.label}: routers per layer, as built vs epoch {log['best_epoch']}", fontsize=10)
+        fig.tight_layout()
+        name = f"routers_{index}.png"
+        fig.savefig(out / name, dpi=110)
+        figures.append(
+            Figure(
+                name,
+                f"{row.label}: expert choice per layer",
+                f"Validation questions of its router training ({log['questions']['validation']}); hollow bars: the "
+                f"routers as built, filled: after training (epoch {log['best_epoch']}, validation accuracy "
+                f"{drawn[0]['validation_accuracy']:.3f} -> {drawn[1]['validation_accuracy']:.3f}).",
+            )
+        )
+    return figures
+
+
 def make_figures(board: Leaderboard, out: Path) -> list[Figure]:
     bars = task_bars(board, out)
-    return ([bars] if bars else []) + truthfulqa_bars(board, out)
+    return ([bars] if bars else []) + truthfulqa_bars(board, out) + router_figures(board, out)
