@@ -3,7 +3,8 @@
 Builds a tiny Mistral-shaped base model and two "parents" fine-tuned for a few CPU seconds on different corpora
 (one on the MMLU fixture questions, one on MedQA/MedMCQA/PubMedQA), and
 synthetic fixture copies of the task datasets (real schemas and file layouts), then runs an ordinary
-experiment file: SLERP, TIES and DARE-TIES recipes, lm-eval's `hf` model on medmerge's BioInstructQA and
+experiment file: SLERP, TIES and DARE-TIES recipes, the two parents as a 2-expert mixture of experts (router rows from
+prompts, then routers trained on the fixture train splits), lm-eval's `hf` model on medmerge's BioInstructQA and
 TruthfulQA-health tasks for base, parents and merges, and the report in `run/report/` (leaderboard.md,
 index.html, figures, paired significance tests).
 Needs no network; a few minutes at most on 2 CPU cores.
@@ -11,6 +12,8 @@ Needs no network; a few minutes at most on 2 CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import yaml
@@ -29,6 +32,43 @@ PARENTS = {
 }
 TRUTHFULQA_PARENTS = {"parent_mmlu": ["Health", "Nutrition"], "parent_medqa": ["Psychology", "Science"]}
 TASKS = ["medmerge_bioinstructqa", "medmerge_truthfulqa_health", "medmerge_truthfulqa_health_truthful"]
+
+
+def demo_moe(work: Path) -> dict:
+    """The two specialists as a 2-expert Mixtral over the base's attention, router rows from prompts of each
+    specialty (gate_mode hidden: the base runs them)."""
+    models = work / "models"
+    return {
+        "base_model": str(models / "base"),
+        "gate_mode": "hidden",
+        "dtype": "float32",
+        "experts_per_token": 2,
+        "experts": [
+            {
+                "source_model": str(models / "parent_mmlu"),
+                "positive_prompts": ["anatomy, medical genetics, clinical knowledge, college biology and medicine"],
+            },
+            {
+                "source_model": str(models / "parent_medqa"),
+                "positive_prompts": ["A patient presents to the clinic. Which is the most likely diagnosis?"],
+            },
+        ],
+    }
+
+
+def router_training_split(out: Path) -> Path:
+    """The demo's router-training questions: the four-option fixture questions of every corpus's train/dev split
+    (never a test split), in MedMCQA's schema, as `train_router: {data: FILE}` reads them."""
+    from medmerge_tasks.corpora import CORPORA
+    from medmerge_tasks.sources import corpus_questions
+
+    rows = []
+    for name in CORPORA:
+        for q in corpus_questions(name, "fewshot"):
+            if len(q.options) == 4:
+                rows.append(CORPORA["medmcqa"].write(dataclasses.replace(q, id=f"{name}-{len(rows)}"), "train"))
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
 
 
 def demo_recipes(work: Path) -> dict[str, dict]:
@@ -72,8 +112,10 @@ NOTE = (
     "specialists and what merging them does. dare_ties answering much like the base is DARE at work, not a defect: "
     "dropping half of each parent's change at random and doubling the rest assumes many small, redundant changes (a "
     "7B fine-tune); these parents moved their 0.2M weights by about as much as the weights' own size, so the rescaled "
-    "remainder is mostly noise (mergekit's dare_ties does the same on these parents). It checks the pipeline, not "
-    "medicine."
+    "remainder is mostly noise (mergekit's dare_ties does the same on these parents). moe is the two parents as "
+    "the experts of a 2-expert Mixtral over the base's attention (router rows from one prompt each), moe_router the "
+    "same with its routers trained on the fixtures' train splits (MedMCQA [INST] prompt). It checks the pipeline, "
+    "not medicine."
 )
 
 
@@ -106,9 +148,14 @@ def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bo
     recipe_dir.mkdir(parents=True, exist_ok=True)
     for name, recipe in demo_recipes(work).items():
         (recipe_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (recipe_dir / "moe.yaml").write_text(yaml.safe_dump(demo_moe(work), sort_keys=False))
+    with scoped_environment(MEDMERGE_DATA_DIR=str(data)):
+        router_training_split(work / "router_train.jsonl")
+    train_router = {"data": "router_train.jsonl", "validation_fraction": 0.25, "lr": 1e-2, "batch_size": 8}
     experiment = {
         "work_dir": "run",
         "recipes": [f"recipes/{name}.yaml" for name in demo_recipes(work)],
+        "moes": [{"config": "recipes/moe.yaml", "train_router": train_router | {"epochs": 1 if quick else 4}}],
         "models": ["models/base", *(f"models/{p}" for p in PARENTS)],
         "tasks": TASKS,
         "data_dir": "data",

@@ -6,6 +6,9 @@ is reused; a changed recipe or setting is redone. Kill it anywhere and run again
 
     work_dir: runs/biomistral           # relative paths are relative to the experiment file
     recipes: [../recipes/biomistral-instruct-slerp.yaml]   # merged into work_dir/models/<recipe name>
+    moes:                               # mixtures of experts (mergekit-moe configs), built into work_dir/models/<name>
+      - config: ../recipes/moe/biomistral-instruct-moe.yaml
+        train_router: {data: medmcqa, epochs: 3}   # optional: also <name>_router, its routers trained
     models: [BioMistral/BioMistral-7B]  # evaluated as they are (hub ids or directories)
     tasks: [medmerge_bioinstructqa]
     data_dir: null                      # a dataset mirror (MEDMERGE_DATA_DIR) for these evaluations only
@@ -29,9 +32,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from medmerge.report import build_report
+from medmerge.router_training import RouterSettings
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import atomic_output_dir
-from medmerge_tasks.corpora import BIOINSTRUCTQA_SHOT_SETS
+from medmerge_tasks.corpora import BIOINSTRUCTQA_SHOT_SETS, Question
+from merge.moe.config import load_moe_config
 from merge.recipe import load_recipe
 from merge.run import Progress, run_merge
 from merge.yamlfile import field_name, line_of, load_yaml, validate_model
@@ -59,9 +64,22 @@ class LmEvalSettings(_Strict):
     model_args: dict[str, Any] = Field(default_factory=dict)
 
 
+class TrainRouter(RouterSettings):
+    """`medmerge moe train-router`'s options: the data and RouterSettings."""
+
+    data: str = "medmcqa"
+    validation_data: str | None = None
+
+
+class MoEArm(_Strict):
+    config: str  # a mergekit-moe config file
+    train_router: TrainRouter | None = None
+
+
 class Experiment(_Strict):
     work_dir: str
     recipes: list[str] = Field(default_factory=list)
+    moes: list[MoEArm] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list)
     tasks: list[str] = Field(min_length=1)
     data_dir: str | None = None
@@ -86,8 +104,19 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
                 field=field_name(("recipes", i)),
             )
         load_recipe(base / recipe)  # a broken recipe fails now, not after an hour of other work
+    for i, moe in enumerate(experiment.moes):
+        if not (base / moe.config).is_file():
+            raise UserError(
+                f"MoE config file {moe.config} not found",
+                file=path,
+                line=line_of(lines, ("moes", i, "config")),
+                field=field_name(("moes", i, "config")),
+            )
+        load_moe_config(base / moe.config)
     names: dict[str, tuple[str, int]] = {}  # each arm's name in work_dir: recipes by file stem, models by name
     arms = [("recipes", i, Path(r).stem) for i, r in enumerate(experiment.recipes)]
+    for i, moe in enumerate(experiment.moes):
+        arms += [("moes", i, name) for name in moe_arm_names(moe)]
     arms += [("models", i, arm_name(m, base)) for i, m in enumerate(experiment.models)]
     for key, i, name in arms:
         if name in names:
@@ -108,6 +137,12 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
             field="fewshot_sets",
         )
     return experiment, base
+
+
+def moe_arm_names(moe: MoEArm) -> list[str]:
+    """The MoE as built (named by its config file), and with its routers trained (`<name>_router`)."""
+    name = Path(moe.config).stem
+    return [name] + ([f"{name}_router"] if moe.train_router else [])
 
 
 def arm_name(model: str, base: Path) -> str:
@@ -157,6 +192,8 @@ def run_experiment(
                 )
             (out / KEY_FILE).write_text(key)
         candidates[name] = (str(out), key)
+    for i, moe in enumerate(experiment.moes, 1):
+        candidates |= _build_moe(moe, base, work, experiment, f"[moe {i}/{len(experiment.moes)}]", say, progress)
     for model in experiment.models:
         local = base / model
         pretrained = str(local.resolve()) if local.exists() else model
@@ -196,6 +233,81 @@ def run_experiment(
         note=experiment.note or f"Shot sets {experiment.fewshot_sets}; experiment file {Path(path).resolve()}.",
         say=say,
     )
+
+
+def _build_moe(
+    moe: MoEArm,
+    base: Path,
+    work: Path,
+    experiment: Experiment,
+    step: str,
+    say: Say,
+    progress: Callable[[str], AbstractContextManager[Progress | None]] | None,
+) -> dict[str, tuple[str, str]]:
+    """Build one MoE arm (and train its routers) unless up to date; returns its candidates (name -> (dir, key))."""
+    from medmerge.router_training import train_router
+    from merge.moe.build import PromptRun, build_moe
+
+    config = load_moe_config(base / moe.config)
+    names = moe_arm_names(moe)
+    out = work / "models" / names[0]
+    key = _digest(config.source_text, experiment.merge.model_dump())
+    if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
+        say(f"{step} {names[0]}: up to date")
+    else:
+        say(f"{step} {names[0]}")
+        with progress(f"building {names[0]}") if progress else nullcontext() as update:
+            build_moe(
+                config,
+                out,
+                prompt_run=PromptRun(experiment.merge.device),
+                seed=experiment.merge.seed,
+                shard_bytes=experiment.merge.out_shard_size,
+                overwrite=True,
+                progress=update,
+                warn=say,
+            )
+        (out / KEY_FILE).write_text(key)
+    built = {names[0]: (str(out), key)}
+    if moe.train_router is None:
+        return built
+    trained = work / "models" / names[1]
+    train_key = _digest(key, moe.train_router.model_dump(), experiment.data_dir)
+    if (trained / KEY_FILE).is_file() and (trained / KEY_FILE).read_text() == train_key:
+        say(f"{step} {names[1]}: up to date")
+    else:
+        say(f"{step} {names[1]}: training the routers on {moe.train_router.data}")
+        data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
+        with scoped_environment(MEDMERGE_DATA_DIR=data_dir):
+            train = labelled_questions(moe.train_router.data, base)
+            validation = (
+                labelled_questions(moe.train_router.validation_data, base) if moe.train_router.validation_data else None
+            )
+        settings = RouterSettings(**moe.train_router.model_dump(exclude={"data", "validation_data"}))
+        with progress(f"training {names[1]}") if progress else nullcontext() as update:
+            train_router(
+                str(out),
+                trained,
+                train,
+                validation,
+                settings=settings,
+                data_names=(moe.train_router.data, moe.train_router.validation_data),
+                overwrite=True,
+                progress=update,
+                say=say,
+            )
+        (trained / KEY_FILE).write_text(train_key)
+    return built | {names[1]: (str(trained), train_key)}
+
+
+def labelled_questions(source: str, base: Path) -> list[Question]:
+    """An experiment's labelled questions: `medmcqa`, or a file relative to the experiment file."""
+    from medmerge_tasks.sources import DatasetMissing, labelled_medmcqa
+
+    try:
+        return labelled_medmcqa(source if source.startswith("medmcqa") else str(base / source))
+    except (ValueError, DatasetMissing) as exc:
+        raise UserError(f"train_router data: {exc}") from None
 
 
 @contextmanager
