@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import ROUTER_TRAINING_LOG, Say, check_output_dir
+from medmerge_common.quantization import check_quantization, load_causal_lm
 from medmerge_tasks.choices import EncodedQuestion, batch_inputs, encode_question, option_loglikelihoods
 from medmerge_tasks.corpora import Question
 from merge.io.checkpoint import Checkpoint, OutputTensor, read_json_object
@@ -126,15 +127,14 @@ class TrainedRouter(torch.nn.Module):
         )
         self.balance = load_balancing_loss(routing, num_experts, self.valid) if self.training else None
         with torch.no_grad():
-            counted = routing.chosen if self.training else routing.experts
-            self.counts += choice_counts(counted, num_experts, self.valid).cpu()
-            valid = self.valid.bool() if self.valid is not None else torch.ones_like(logits[:, 0], dtype=torch.bool)
-            experts, weights = routing.experts[valid], routing.weights[valid]
-            self.slots += int(experts.numel())
-            self.dropped += int((experts == num_experts).sum())
+            valid = torch.ones_like(routing.kept[:, 0]) if self.valid is None else self.valid.bool()
+            self.counts += choice_counts(routing.experts, num_experts, valid).cpu()
+            self.slots += int(valid.sum()) * self.top_k
+            self.dropped += int((~routing.kept[valid]).sum())
             self.tokens += int(valid.sum())
-            sums = torch.zeros(num_experts + 1, dtype=torch.float64, device=weights.device)
-            self.weight_sums += sums.index_add_(0, experts.reshape(-1), weights.reshape(-1).double())[:-1].cpu()
+            sums = torch.zeros(num_experts, dtype=torch.float64, device=logits.device)
+            sums.index_add_(0, routing.experts[valid].reshape(-1), routing.weights[valid].reshape(-1).double())
+            self.weight_sums += sums.cpu()
         return logits, routing.weights, routing.experts
 
 
@@ -335,26 +335,18 @@ def open_moe(ref: str) -> Checkpoint:
     return checkpoint
 
 
-def load_model(checkpoint: Checkpoint, settings: RouterSettings) -> Any:
+def load_model(checkpoint: Checkpoint, settings: RouterSettings, device: torch.device) -> Any:
     """The MoE in the chosen dtype on the chosen device (its linear layers in 4/8 bits with quantization)."""
     import transformers
-    from transformers import AutoModelForCausalLM
-
-    from medmerge_common.quantization import bnb_config
 
     if int(transformers.__version__.split(".")[0]) < 5:
         raise UserError(
             f"train-router needs transformers >= 5 (its MoE blocks take the router's choice from the router "
             f"module); this environment has {transformers.__version__}"
         )
-    device = check_device(settings.device)
     dtype = DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if settings.quantization:
-        kwargs |= {"quantization_config": bnb_config(settings.quantization), "device_map": settings.device}
     assert checkpoint.directory is not None
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.directory), **kwargs)
-    return (model if settings.quantization else model.to(device)).eval()
+    return load_causal_lm(str(checkpoint.directory), dtype, settings.device, settings.quantization)
 
 
 def train_router(
@@ -383,14 +375,9 @@ def train_router(
         num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
         top_k = settings.top_k or int(config.get("num_experts_per_tok") or 2)
         check_settings(settings, num_experts, top_k)
+        device = check_device(settings.device)
         if settings.quantization:
-            from medmerge_common.quantization import bnb_config, check_bitsandbytes
-
-            try:
-                bnb_config(settings.quantization)
-                check_bitsandbytes()
-            except (RuntimeError, ValueError) as exc:
-                raise UserError(f"--quantization {settings.quantization}: {exc}") from None
+            check_quantization(settings.quantization)
         train_questions, validation_questions = split_questions(train, validation, settings)
         check_output_dir(out, overwrite, inputs=input_dirs(moe))
         assert checkpoint.directory is not None
@@ -399,7 +386,7 @@ def train_router(
         train_encoded = encode_questions(tokenizer, train_questions)
         validation_encoded = encode_questions(tokenizer, validation_questions)
 
-        model = load_model(checkpoint, settings)
+        model = load_model(checkpoint, settings, device)
         routers = attach_routers(model, checkpoint, top_k, settings)
         optimizer = torch.optim.AdamW([r.weight for r in routers.values()], lr=settings.lr, weight_decay=0.0)
         shuffle = random.Random(settings.seed)

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-/8-bit loading settings, shared by `--model medmerge-hf` and `medmerge moe --quantization`.
+"""bitsandbytes 4-/8-bit loading, shared by `--model medmerge-hf`, `medmerge moe` and `medmerge moe train-router`.
 
 torch and transformers are imported only when a config is made, so importing this module stays cheap.
 """
@@ -49,3 +49,26 @@ def check_bitsandbytes() -> None:
             "bitsandbytes 4-/8-bit loading needs a CUDA GPU and none is available "
             "here; load the model unquantized (bf16/fp32) instead"
         )
+
+
+def check_quantization(quantization: str) -> None:
+    """`--quantization MODE` checked before anything is loaded or written: one UserError line if it cannot run."""
+    from medmerge_common.errors import UserError
+
+    try:
+        bnb_config(quantization)
+        check_bitsandbytes()
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--quantization {quantization}: {exc}") from None
+
+
+def load_causal_lm(directory: str, dtype: Any, device: str, quantization: str | None = None) -> Any:
+    """A transformers causal LM in `dtype` on `device`, in eval mode; with `quantization` its linear layers in
+    4/8 bits (bitsandbytes, placed by device_map)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization:
+        kwargs |= {"quantization_config": bnb_config(quantization), "device_map": device}
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    return (model if quantization else model.to(device)).eval()

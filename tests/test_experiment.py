@@ -123,6 +123,30 @@ def test_bad_experiment_file_is_one_line_with_its_line(tmp_path: Path) -> None:
     assert "lm_eval.batchsize: unknown key 'batchsize' (did you mean 'batch_size'?)" in result.stderr
 
 
+def test_bad_moe_arms_name_their_line_and_field(tmp_path: Path) -> None:
+    from medmerge.experiment import load_experiment
+    from medmerge_common.errors import UserError
+
+    path = tmp_path / "experiment.yaml"
+    (tmp_path / "moe.yaml").write_text(
+        "base_model: org/b\ngate_mode: random\nexperts:\n  - source_model: org/x\n  - source_model: org/y\n"
+    )
+    cases = {
+        "moes:\n  - config: missing.yaml\n": f"{path}:4: moes[0].config: MoE config file missing.yaml not found",
+        "moes:\n  - config: moe.yaml\n    train_router: {epoch: 3}\n": (
+            f"{path}:5: moes[0].train_router.epoch: unknown key 'epoch' (did you mean 'epochs'?)"
+        ),
+        "moes:\n  - config: moe.yaml\n    train_router: {router: noisy}\n": f"{path}:5: moes[0].train_router.router",
+        "moes:\n  - config: moe.yaml\nmodels: [m/moe]\n": "'moe' names two arms (moes[0] and models[0])",
+    }
+    (tmp_path / "m" / "moe").mkdir(parents=True)
+    for text, expected in cases.items():
+        path.write_text("work_dir: w\ntasks: [medmerge_mmlu_anatomy]\n" + text)
+        with pytest.raises(UserError) as caught:
+            load_experiment(path)
+        assert expected in str(caught.value), (text, str(caught.value))
+
+
 def test_two_arms_with_one_name_are_refused(tiny, tmp_path: Path) -> None:
     from medmerge.experiment import load_experiment
     from medmerge_common.errors import UserError

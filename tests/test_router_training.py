@@ -4,6 +4,7 @@ Mixtral that transformers scores as it was trained, capacity and top-k in a real
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -117,11 +118,17 @@ def test_noisy_top1_with_capacity_and_balancing_drops_slots_and_writes_top_k(kno
     assert log["questions"] == {"train": 21, "validation": 7}
     first = log["epochs"][1]
     assert 0.3 < first["dropped_fraction"] < 0.5  # capacity 0.6 of an even share: at least 40% of slots over
-    assert first["load_balancing_loss"] >= 1.0 - 1e-6
+    assert first["load_balancing_loss"] >= 1.0 - 1e-6 and math.isfinite(first["validation_loss"])
     tokens = [sum(layer) for layer in first["train_choices"]]
     assert len(set(tokens)) == 1  # every layer routes every (non-padding) token once, before capacity
     assert all(sum(layer) == sum(log["epochs"][0]["validation_choices"][0]) for layer in first["validation_choices"])
     assert AutoConfig.from_pretrained(str(out)).num_experts_per_tok == 1
+    again = tmp_path / "again"
+    assert main([*argv[:6], str(again), *argv[7:]]) == 0  # the same seed: the same routers, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(load_weights(out).values(), load_weights(again).values()))
+    untimed = [{k: v for k, v in e.items() if k != "seconds"} for e in log["epochs"]]
+    again_log = json.loads((again / "router_training.json").read_text())
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in again_log["epochs"]] == untimed
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

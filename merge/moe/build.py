@@ -202,27 +202,17 @@ def check_prompt_run(config: MoEConfig, run: PromptRun) -> None:
             **config.where("base_model"),
         )
     if run.quantization:
-        from medmerge_common.quantization import bnb_config, check_bitsandbytes
+        from medmerge_common.quantization import check_quantization
 
-        try:
-            bnb_config(run.quantization)
-            check_bitsandbytes()
-        except (RuntimeError, ValueError) as exc:
-            raise UserError(f"--quantization {run.quantization}: {exc}") from None
+        check_quantization(run.quantization)
 
 
 def _load_base(base: Checkpoint, run: PromptRun) -> Any:
     """The base model in `run.dtype` (its linear layers in 4/8 bits with `run.quantization`), on `run.device`."""
-    from transformers import AutoModelForCausalLM
-
-    from medmerge_common.quantization import bnb_config
+    from medmerge_common.quantization import load_causal_lm
 
     assert base.directory is not None
-    kwargs: dict[str, Any] = {"dtype": run.dtype}
-    if run.quantization:
-        kwargs |= {"quantization_config": bnb_config(run.quantization), "device_map": run.device}
-    model = AutoModelForCausalLM.from_pretrained(str(base.directory), **kwargs)
-    return (model if run.quantization else model.to(run.device)).eval()
+    return load_causal_lm(str(base.directory), run.dtype, run.device, run.quantization)
 
 
 class _Background:

@@ -16,8 +16,8 @@ import torch
 @dataclass
 class Routing:
     weights: torch.Tensor  # (T, k) float32: each token's weight for its k chosen experts (0 where dropped)
-    experts: torch.Tensor  # (T, k) long: the chosen experts, in rank order; E (one past the last) where dropped
-    chosen: torch.Tensor  # (T, k) long: the router's choice before capacity dropped any slot
+    experts: torch.Tensor  # (T, k) long: the chosen experts, in rank order
+    kept: torch.Tensor  # (T, k) bool: the slots within their expert's capacity (all, without capacity)
     probabilities: torch.Tensor  # (T, E) float32: softmax of the (noisy) logits, for the load-balancing loss
 
 
@@ -45,24 +45,23 @@ def route(
 
     token slots per expert per batch, T counting the `valid` (non-padding) tokens only. Slots claim their expert in
     rank order (every token's first choice before any second choice), then token order; a slot past C is dropped:
-    its weight is 0 and its expert index E (the MoE blocks of transformers skip it), so the token's other expert,
-    or the residual stream, carries it."""
+    its weight is 0, so the token's other expert, or the residual stream, carries it. (Its expert index stays a real
+    one: transformers' grouped experts kernels handle an out-of-range "dropped" index only under expert
+    parallelism, and read past the weights otherwise.)"""
     tokens, num_experts = logits.shape
     logits = logits.float()
     if noise > 0:
         logits = logits + noise * torch.randn(logits.shape, generator=generator, device=logits.device)
     probabilities = torch.softmax(logits, dim=-1)
-    top, chosen = torch.topk(probabilities, top_k, dim=-1)
+    top, experts = torch.topk(probabilities, top_k, dim=-1)
     weights = top / top.sum(dim=-1, keepdim=True) if normalize else top
-    experts = chosen
+    kept = torch.ones_like(experts, dtype=torch.bool)
     if capacity_factor is not None:
         valid_mask = torch.ones(tokens, dtype=torch.bool, device=logits.device) if valid is None else valid.bool()
-        kept = within_capacity(
-            chosen, num_experts, expert_capacity(int(valid_mask.sum()), num_experts, top_k, capacity_factor), valid_mask
-        )
+        capacity = expert_capacity(int(valid_mask.sum()), num_experts, top_k, capacity_factor)
+        kept = within_capacity(experts, num_experts, capacity, valid_mask)
         weights = weights * kept
-        experts = torch.where(kept, chosen, torch.full_like(chosen, num_experts))
-    return Routing(weights, experts, chosen, probabilities)
+    return Routing(weights, experts, kept, probabilities)
 
 
 def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -88,7 +87,7 @@ def load_balancing_loss(routing: Routing, num_experts: int, valid: torch.Tensor 
     over the T valid tokens: f_i is the fraction of slots the router sends to expert i (before capacity), P_i its
     mean router probability. It is 1 when routing is uniform and grows as it concentrates; the trainer multiplies
     it by its coefficient (α)."""
-    chosen, probabilities = routing.chosen, routing.probabilities
+    chosen, probabilities = routing.experts, routing.probabilities
     if valid is not None:
         chosen, probabilities = chosen[valid.bool()], probabilities[valid.bool()]
     if chosen.numel() == 0:
@@ -97,8 +96,11 @@ def load_balancing_loss(routing: Routing, num_experts: int, valid: torch.Tensor 
     return num_experts * (fraction * probabilities.mean(dim=0)).sum()
 
 
-def choice_counts(experts: torch.Tensor, num_experts: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(E,) long: how many valid tokens chose each expert (among their k), dropped slots not counted."""
+def choice_counts(
+    experts: torch.Tensor, num_experts: int, valid: torch.Tensor | None = None, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(E,) long: how many valid tokens chose each expert (among their k); only the `kept` slots, if given."""
+    counted = torch.ones_like(experts, dtype=torch.bool) if kept is None else kept.bool()
     if valid is not None:
-        experts = experts[valid.bool()]
-    return torch.bincount(experts.reshape(-1), minlength=num_experts + 1)[:num_experts]
+        counted = counted & valid.bool().unsqueeze(-1)
+    return torch.bincount(experts[counted], minlength=num_experts)

@@ -49,10 +49,10 @@ def test_capacity_is_the_switch_formula_and_no_expert_takes_more() -> None:
     assert expert_capacity(8, 2, 1, 1.0) == 4
     logits = torch.tensor([[5.0, 0.0]] * 8)  # every token prefers expert 0
     routing = route(logits, 1, capacity_factor=1.0)
-    assert (routing.experts[:4] == 0).all() and (routing.experts[4:] == 2).all()  # 2 = E: dropped
-    assert torch.equal(routing.weights[4:], torch.zeros(4, 1)) and torch.equal(routing.chosen, torch.zeros(8, 1).long())
-    counts = choice_counts(routing.experts, 2)
-    assert counts.tolist() == [4, 0]
+    assert routing.kept[:, 0].tolist() == [True] * 4 + [False] * 4 and (routing.experts == 0).all()
+    assert torch.equal(routing.weights, torch.tensor([[1.0]] * 4 + [[0.0]] * 4))
+    assert choice_counts(routing.experts, 2).tolist() == [8, 0]  # what the router chose
+    assert choice_counts(routing.experts, 2, kept=routing.kept).tolist() == [4, 0]  # what capacity let through
 
 
 def test_first_choices_claim_capacity_before_second_choices() -> None:
@@ -67,8 +67,8 @@ def test_padding_takes_no_capacity_and_is_not_counted() -> None:
     logits = torch.tensor([[5.0, 0.0]] * 6)
     valid = torch.tensor([0, 0, 1, 1, 1, 1], dtype=torch.bool)
     routing = route(logits, 1, capacity_factor=1.0, valid=valid)  # C = ceil(1·4/2·1) = 2 for the 4 real tokens
-    assert routing.experts[:, 0].tolist() == [0, 0, 0, 0, 2, 2]
-    assert choice_counts(routing.experts, 2, valid).tolist() == [2, 0]
+    assert routing.kept[:, 0].tolist() == [True, True, True, True, False, False]
+    assert choice_counts(routing.experts, 2, valid, routing.kept).tolist() == [2, 0]
 
 
 def test_load_balancing_loss_is_one_when_uniform_and_e_when_collapsed() -> None:
