@@ -114,8 +114,10 @@ NOTE = (
     "7B fine-tune); these parents moved their 0.2M weights by about as much as the weights' own size, so the rescaled "
     "remainder is mostly noise (mergekit's dare_ties does the same on these parents). moe is the two parents as "
     "the experts of a 2-expert Mixtral over the base's attention (router rows from one prompt each), moe_router the "
-    "same with its routers trained on the fixtures' train splits (MedMCQA [INST] prompt). It checks the pipeline, "
-    "not medicine."
+    "same with its routers trained on the fixtures' train splits (MedMCQA [INST] prompt; its figure shows the "
+    "per-layer routing). Both answer much like the base: each parent's MLPs learned beside its own fine-tuned "
+    "attention, and a router choosing between them cannot restore that; the MoE studies' experts share the base's "
+    "attention. It checks the pipeline, not medicine."
 )
 
 
