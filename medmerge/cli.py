@@ -104,39 +104,18 @@ def cmd_moe(args: argparse.Namespace) -> int:
 def cmd_train_router(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.console import progress_bar
-        from medmerge.router_training import RouterSettings, train_router
-        from medmerge_tasks.sources import DatasetMissing, labelled_medmcqa
+        from medmerge.router_training import RouterSettings, labelled_questions, train_router
 
-    questions = {}
-    for option, source in (("--data", args.data), ("--validation-data", args.validation_data)):
-        try:
-            questions[option] = labelled_medmcqa(source) if source else None
-        except (ValueError, DatasetMissing) as exc:
-            raise UserError(f"{option}: {exc}") from None
-    settings = RouterSettings(
-        router=args.router,
-        top_k=args.top_k,
-        noise=args.noise,
-        capacity_factor=args.capacity_factor,
-        load_balancing=args.load_balancing,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        validation_fraction=args.validation_fraction,
-        limit=args.limit,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-    )
+    train = labelled_questions(args.data, "--data")
+    validation = labelled_questions(args.validation_data, "--validation-data") if args.validation_data else None
+    settings = RouterSettings(**{name: getattr(args, name) for name in RouterSettings.model_fields})
     say = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
     with progress_bar(f"training {Path(args.moe_dir).name}'s routers", enabled=not args.quiet) as progress:
         result = train_router(
             args.moe_dir,
             args.out_dir,
-            questions["--data"],
-            questions["--validation-data"],
+            train,
+            validation,
             settings=settings,
             data_names=(args.data, args.validation_data),
             overwrite=args.overwrite,

@@ -35,7 +35,7 @@ from medmerge.report import build_report
 from medmerge.router_training import RouterSettings
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import atomic_output_dir
-from medmerge_tasks.corpora import BIOINSTRUCTQA_SHOT_SETS, Question
+from medmerge_tasks.corpora import BIOINSTRUCTQA_SHOT_SETS
 from merge.moe.config import load_moe_config
 from merge.recipe import load_recipe
 from merge.run import Progress, run_merge
@@ -151,6 +151,11 @@ def arm_name(model: str, base: Path) -> str:
     return Path(model).name if (base / model).exists() else model
 
 
+def _is_current(out: Path, key: str) -> bool:
+    """Whether `out` holds a finished step whose key is `key`."""
+    return (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key
+
+
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -175,7 +180,7 @@ def run_experiment(
         name = Path(recipe_file).stem
         out = work / "models" / name
         key = _digest(recipe.source_text, experiment.merge.model_dump())
-        if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
+        if _is_current(out, key):
             say(f"[merge {i}/{len(experiment.recipes)}] {name}: up to date")
         else:
             say(f"[merge {i}/{len(experiment.recipes)}] {name}")
@@ -208,7 +213,7 @@ def run_experiment(
         out = work / "results" / name.replace("/", "__") / f"shotset{shot_set}"
         result_dirs.append(out)
         key = _digest(identity, experiment.tasks, shot_set, settings, *([data_dir] if data_dir else []))
-        done = (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key
+        done = _is_current(out, key)
         todo.append(None if done else (pretrained, out, key))
     started, finished = time.monotonic(), 0
     for i, ((name, shot_set), step) in enumerate(zip(runs, todo), 1):
@@ -245,14 +250,14 @@ def _build_moe(
     progress: Callable[[str], AbstractContextManager[Progress | None]] | None,
 ) -> dict[str, tuple[str, str]]:
     """Build one MoE arm (and train its routers) unless up to date; returns its candidates (name -> (dir, key))."""
-    from medmerge.router_training import train_router
+    from medmerge.router_training import labelled_questions, train_router
     from merge.moe.build import PromptRun, build_moe
 
     config = load_moe_config(base / moe.config)
     names = moe_arm_names(moe)
     out = work / "models" / names[0]
     key = _digest(config.source_text, experiment.merge.model_dump())
-    if (out / KEY_FILE).is_file() and (out / KEY_FILE).read_text() == key:
+    if _is_current(out, key):
         say(f"{step} {names[0]}: up to date")
     else:
         say(f"{step} {names[0]}")
@@ -273,15 +278,17 @@ def _build_moe(
         return built
     trained = work / "models" / names[1]
     train_key = _digest(key, moe.train_router.model_dump(), experiment.data_dir)
-    if (trained / KEY_FILE).is_file() and (trained / KEY_FILE).read_text() == train_key:
+    if _is_current(trained, train_key):
         say(f"{step} {names[1]}: up to date")
     else:
         say(f"{step} {names[1]}: training the routers on {moe.train_router.data}")
         data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
         with scoped_environment(MEDMERGE_DATA_DIR=data_dir):
-            train = labelled_questions(moe.train_router.data, base)
+            train = labelled_questions(_data_source(moe.train_router.data, base), "train_router.data")
             validation = (
-                labelled_questions(moe.train_router.validation_data, base) if moe.train_router.validation_data else None
+                labelled_questions(_data_source(moe.train_router.validation_data, base), "train_router.validation_data")
+                if moe.train_router.validation_data
+                else None
             )
         settings = RouterSettings(**moe.train_router.model_dump(exclude={"data", "validation_data"}))
         with progress(f"training {names[1]}") if progress else nullcontext() as update:
@@ -300,14 +307,9 @@ def _build_moe(
     return built | {names[1]: (str(trained), train_key)}
 
 
-def labelled_questions(source: str, base: Path) -> list[Question]:
-    """An experiment's labelled questions: `medmcqa`, or a file relative to the experiment file."""
-    from medmerge_tasks.sources import DatasetMissing, labelled_medmcqa
-
-    try:
-        return labelled_medmcqa(source if source.startswith("medmcqa") else str(base / source))
-    except (ValueError, DatasetMissing) as exc:
-        raise UserError(f"train_router data: {exc}") from None
+def _data_source(source: str, base: Path) -> str:
+    """`medmcqa` as it is; a file relative to the experiment file."""
+    return source if source.startswith("medmcqa") else str(base / source)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,7 +89,6 @@ class RouterTrainingResult:
     epochs: list[EpochLog]
     best_epoch: int
     seconds: float
-    gates: list[str] = field(default_factory=list)
 
 
 class TrainedRouter(torch.nn.Module):
@@ -111,7 +110,7 @@ class TrainedRouter(torch.nn.Module):
     def reset_counts(self) -> None:
         self.counts = torch.zeros(self.weight.shape[0], dtype=torch.long)
         self.weight_sums = torch.zeros(self.weight.shape[0], dtype=torch.float64)
-        self.slots, self.dropped, self.tokens = 0, 0, 0
+        self.dropped, self.tokens = 0, 0
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_experts = self.weight.shape[0]
@@ -129,7 +128,6 @@ class TrainedRouter(torch.nn.Module):
         with torch.no_grad():
             valid = torch.ones_like(routing.kept[:, 0]) if self.valid is None else self.valid.bool()
             self.counts += choice_counts(routing.experts, num_experts, valid).cpu()
-            self.slots += int(valid.sum()) * self.top_k
             self.dropped += int((~routing.kept[valid]).sum())
             self.tokens += int(valid.sum())
             sums = torch.zeros(num_experts, dtype=torch.float64, device=logits.device)
@@ -253,7 +251,7 @@ def _train_epoch(
         balance_total += float(balance.detach())
         batches += 1
         step(f"loss {float(task.detach()):.4f}")
-    slots = sum(r.slots for r in routers.values())
+    slots = sum(r.tokens * r.top_k for r in routers.values())
     dropped = sum(r.dropped for r in routers.values()) / slots if slots else 0.0
     return task_total / batches, balance_total / batches, _counts(routers), dropped
 
@@ -309,6 +307,16 @@ def split_questions(
     if not shuffled or not validation:
         raise UserError("no questions to train on or to validate with (check --data, --validation-data, --limit)")
     return shuffled, list(validation)
+
+
+def labelled_questions(source: str, option: str) -> list[Question]:
+    """Labelled questions from `medmcqa` or a MedMCQA-schema file; a problem is one UserError naming `option`."""
+    from medmerge_tasks.sources import DatasetMissing, labelled_medmcqa
+
+    try:
+        return labelled_medmcqa(source)
+    except (ValueError, DatasetMissing) as exc:
+        raise UserError(f"{option}: {exc}") from None
 
 
 def encode_questions(tokenizer: Any, questions: list[Question]) -> list[EncodedQuestion]:
@@ -396,7 +404,7 @@ def train_router(
         accuracy, loss, choices, weights = score(model, routers, validation_encoded, settings.batch_size, pad_id)
         log = [EpochLog(0, accuracy, loss, choices, weights, seconds=time.perf_counter() - epoch_start)]
         say(f"epoch 0 (routers as built): validation accuracy {accuracy:.4f}, loss {loss:.4f}")
-        best, best_state, since_best = 0, _state(routers), 0
+        best, best_state = 0, _state(routers)
         for epoch in range(1, settings.epochs + 1):
             epoch_start = time.perf_counter()
             done = (epoch - 1) * batches
@@ -430,15 +438,13 @@ def train_router(
                 + (f", {dropped:.1%} of slots over capacity" if settings.capacity_factor else "")
             )
             if (accuracy, -loss) > (log[best].validation_accuracy, -log[best].validation_loss):
-                best, best_state, since_best = epoch, _state(routers), 0
-            else:
-                since_best += 1
-                if since_best >= settings.patience:
-                    say(f"no better validation score for {settings.patience} epoch(s): stopping")
-                    break
+                best, best_state = epoch, _state(routers)
+            elif epoch - best >= settings.patience:
+                say(f"no better validation score for {settings.patience} epoch(s): stopping")
+                break
         if best == 0:
             say("no epoch scored better on validation than the routers as built: OUT_DIR keeps them")
-        result = RouterTrainingResult(out, log, best, 0.0, list(routers))
+        result = RouterTrainingResult(out, log, best, 0.0)
         record = {
             "moe": moe,
             "data": data_names[0],
