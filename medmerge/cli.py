@@ -104,10 +104,11 @@ def cmd_moe(args: argparse.Namespace) -> int:
 def cmd_train_router(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.console import progress_bar
-        from medmerge.router_training import RouterSettings, labelled_questions, train_router
+        from medmerge.labelled import labelled_prompts
+        from medmerge.router_training import RouterSettings, train_router
 
-    train = labelled_questions(args.data, "--data")
-    validation = labelled_questions(args.validation_data, "--validation-data") if args.validation_data else None
+    train = labelled_prompts(args.data, "--data")
+    validation = labelled_prompts(args.validation_data, "--validation-data") if args.validation_data else None
     settings = RouterSettings(**{name: getattr(args, name) for name in RouterSettings.model_fields})
     say = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
     with progress_bar(f"training {Path(args.moe_dir).name}'s routers", enabled=not args.quiet) as progress:
@@ -126,6 +127,24 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     say(
         f"wrote {result.out_dir} (epoch {result.best_epoch} of {len(result.epochs) - 1}: validation accuracy "
         f"{best.validation_accuracy:.4f}, was {result.epochs[0].validation_accuracy:.4f}; {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def cmd_fuse_train(args: argparse.Namespace) -> int:
+    with interrupts_held():
+        from medmerge.console import progress_bar
+        from medmerge.fusion.train import load_fusion_config, train_fusion, with_overrides
+
+    overrides = {"combiner": args.combiner, "seeds": args.seed, "limit": args.limit, "cache_dir": args.cache_dir}
+    config = with_overrides(load_fusion_config(args.config), device=args.device, **overrides)
+    say = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    with progress_bar("members' outputs", enabled=not args.quiet) as progress:
+        result = train_fusion(config, args.out_dir, overwrite=args.overwrite, say=say, progress=progress)
+    say(
+        f"wrote {result.out_dir} ({config.combiner}: validation accuracy {result.validation_accuracy:.4f}, seed "
+        f"{result.best_seed} epoch {result.best_epoch}; members ran on {result.member_runs} question(s); "
+        f"{result.seconds:.1f} s)"
     )
     return 0
 
@@ -251,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
 
     _add_moe_parser(sub)
+    _add_fuse_parser(sub)
 
     run = sub.add_parser(
         "run",
@@ -303,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the whole loop offline on tiny models: build, merge, lm-eval, report",
-        description="Build tiny models, merge them (SLERP, TIES, DARE-TIES), evaluate them with "
+        description="Build tiny models, merge them (SLERP, TIES, DARE-TIES), build a 2-expert MoE and train its "
+        "routers, train fusion combiners over the parents, evaluate everything with "
         "lm-eval and write a report. Needs no network.",
     )
     demo.add_argument("dir", nargs="?", default="medmerge-demo", help="work directory (default: ./medmerge-demo)")
@@ -394,7 +415,8 @@ def _add_moe_parser(sub: argparse._SubParsersAction) -> None:
         "--data",
         required=True,
         help="labelled questions: `medmcqa` (MedMCQA's train split, from the hub or "
-        "MEDMERGE_DATA_DIR) or a .jsonl/.json/.parquet file in MedMCQA's schema (question, opa-opd, cop)",
+        "MEDMERGE_DATA_DIR), a .jsonl/.json/.parquet file in MedMCQA's schema (question, opa-opd, cop), or "
+        "task:NAME[:train|validation] (any lm-eval multiple-choice task's train or validation split)",
     )
     train.add_argument("-o", "--out", dest="out_dir", required=True, help="output model directory")
     train.add_argument(
@@ -453,6 +475,33 @@ def _add_moe_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if medmerge or mergekit wrote it")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
     train.set_defaults(func=cmd_train_router)
+
+
+def _add_fuse_parser(sub: argparse._SubParsersAction) -> None:
+    fuse = sub.add_parser("fuse", help="trained output ensembles (combiners over frozen members)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    train = fuse.add_parser(
+        "train",
+        help="train a combiner (weighted, late_fusion, transformer) on frozen members' outputs",
+        description="Run each member once on the labelled questions (outputs reduced to the answer options, "
+        "cached), then train a combiner on them with early stopping on validation accuracy. FUSION_DIR holds the "
+        "combiner, the members' identities and the training log and curves; evaluate it with "
+        "`lm_eval --model medmerge-fusion --model_args pretrained=FUSION_DIR`. CONFIG's fields are documented in "
+        "the README (members, data, combiner, features, seeds, epochs, ...); the options below override them.",
+    )
+    train.add_argument("config", help="fusion config (YAML)")
+    train.add_argument("-o", "--out", dest="out_dir", required=True, help="output directory (FUSION_DIR)")
+    train.add_argument("--combiner", choices=["weighted", "late_fusion", "transformer"], help="the combiner")
+    train.add_argument(
+        "--seed", type=int, action="append", help="train once per seed (repeatable); the best on validation is kept"
+    )
+    train.add_argument("--limit", type=float, help="train on this many questions (or this fraction, when < 1)")
+    train.add_argument("--device", help="where the members run: cpu or cuda[:N]")
+    train.add_argument("--cache-dir", help="cache of the members' outputs (default ~/.cache/medmerge/fusion)")
+    train.add_argument("--overwrite", action="store_true", help="replace FUSION_DIR if medmerge wrote it")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    train.set_defaults(func=cmd_fuse_train)
 
 
 MOE_ACTIONS = ("build", "train-router", "-h", "--help")

@@ -4,9 +4,10 @@ Builds a tiny Mistral-shaped base model and two "parents" fine-tuned for a few C
 (one on the MMLU fixture questions, one on MedQA/MedMCQA/PubMedQA), and
 synthetic fixture copies of the task datasets (real schemas and file layouts), then runs an ordinary
 experiment file: SLERP, TIES and DARE-TIES recipes, the two parents as a 2-expert mixture of experts (router rows from
-prompts, then routers trained on the fixture train splits), lm-eval's `hf` model on medmerge's BioInstructQA and
-TruthfulQA-health tasks for base, parents and merges, and the report in `run/report/` (leaderboard.md,
-index.html, figures, paired significance tests).
+prompts, then routers trained on the fixture train splits), their fixed-weight output ensemble and three trained
+combiners of their outputs (weighted, late fusion, transformer), lm-eval on medmerge's BioInstructQA,
+TruthfulQA-health and MedMCQA [INST] tasks for base, parents, merges and ensembles, and the report in `run/report/`
+(leaderboard.md, index.html, figures, paired significance tests).
 Needs no network; a few minutes at most on 2 CPU cores.
 """
 
@@ -31,7 +32,13 @@ PARENTS = {
     "parent_medqa": ["MedQA", "MedQA-5_options", "MedMCQA", "PubMedQA"],
 }
 TRUTHFULQA_PARENTS = {"parent_mmlu": ["Health", "Nutrition"], "parent_medqa": ["Psychology", "Science"]}
-TASKS = ["medmerge_bioinstructqa", "medmerge_truthfulqa_health", "medmerge_truthfulqa_health_truthful"]
+TASKS = [
+    "medmerge_bioinstructqa",
+    "medmerge_truthfulqa_health",
+    "medmerge_truthfulqa_health_truthful",
+    "medmerge_medmcqa_inst",
+]
+FUSION_TASKS = ["medmerge_medmcqa_inst"]  # four options, as the combiners were trained on (the study's format)
 
 
 def demo_moe(work: Path) -> dict:
@@ -69,6 +76,18 @@ def router_training_split(out: Path) -> Path:
                 rows.append(CORPORA["medmcqa"].write(dataclasses.replace(q, id=f"{name}-{len(rows)}"), "train"))
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+def demo_fusion(work: Path, epochs: int) -> dict:
+    """The two specialists as the members of trained combiners, on the same fixture questions as the routers."""
+    return {
+        "members": [{"pretrained": str(work / "models" / p), "dtype": "float32"} for p in PARENTS],
+        "data": str(work / "router_train.jsonl"),
+        "validation_fraction": 0.25,
+        "epochs": epochs,
+        "patience": 20,
+        "seeds": [0, 1],
+    }
 
 
 def demo_recipes(work: Path) -> dict[str, dict]:
@@ -117,7 +136,10 @@ NOTE = (
     "same with its routers trained on the fixtures' train splits (MedMCQA [INST] prompt; its figure shows the "
     "per-layer routing). Both answer much like the base: each parent's MLPs learned beside its own fine-tuned "
     "attention, and a router choosing between them cannot restore that; the MoE studies' experts share the base's "
-    "attention. It checks the pipeline, not medicine."
+    "attention. ensemble averages the two parents' probabilities (fixed weights 0.5/0.5); fusion_weighted, "
+    "fusion_late_fusion and fusion_transformer are combiners trained on the parents' outputs for the same fixture "
+    "questions (MedMCQA [INST] prompt, four options), so they are scored on medmerge_medmcqa_inst only. It checks "
+    "the pipeline, not medicine."
 )
 
 
@@ -133,7 +155,7 @@ def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bo
     data = build_data_mirror(work / "data")
     if not all((models / p / "config.json").exists() for p in PARENTS):
         say("building a tiny base model, then two parents fine-tuned for a few CPU seconds on different corpora")
-        build_tokenizer(models / "tokenizer")
+        build_tokenizer(models / "tokenizer", extra_text=["Answer: A B C D"] * 20)  # " B" one token, as in Mistral's
         build_model(models / "base", models / "tokenizer", seed=0)
         for name, corpora in PARENTS.items():
             with scoped_environment(MEDMERGE_DATA_DIR=str(data)):
@@ -151,6 +173,7 @@ def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bo
     for name, recipe in demo_recipes(work).items():
         (recipe_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (recipe_dir / "moe.yaml").write_text(yaml.safe_dump(demo_moe(work), sort_keys=False))
+    (recipe_dir / "fusion.yaml").write_text(yaml.safe_dump(demo_fusion(work, 10 if quick else 100), sort_keys=False))
     with scoped_environment(MEDMERGE_DATA_DIR=str(data)):
         router_training_split(work / "router_train.jsonl")
     train_router = {"data": "router_train.jsonl", "validation_fraction": 0.25, "lr": 1e-2, "batch_size": 8}
@@ -159,6 +182,14 @@ def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bo
         "recipes": [f"recipes/{name}.yaml" for name in demo_recipes(work)],
         "moes": [{"config": "recipes/moe.yaml", "train_router": train_router | {"epochs": 1 if quick else 4}}],
         "models": ["models/base", *(f"models/{p}" for p in PARENTS)],
+        "ensembles": [{"name": "ensemble", "members": list(PARENTS), "weights": [0.5, 0.5], "combine": "prob"}],
+        "fusions": [
+            {
+                "config": "recipes/fusion.yaml",
+                "combiners": ["weighted", "late_fusion", "transformer"],
+                "tasks": FUSION_TASKS,
+            }
+        ],
         "tasks": TASKS,
         "data_dir": "data",
         "note": NOTE,

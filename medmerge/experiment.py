@@ -26,11 +26,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medmerge.fusion.train import load_fusion_config
+from medmerge.labelled import TASK_PREFIX
 from medmerge.report import build_report
 from medmerge.router_training import RouterSettings
 from medmerge_common.errors import UserError
@@ -76,10 +79,31 @@ class MoEArm(_Strict):
     train_router: TrainRouter | None = None
 
 
+class EnsembleArm(_Strict):
+    """A fixed-weight output ensemble (`--model medmerge-ensemble`) of arms or models."""
+
+    name: str
+    members: list[str] = Field(min_length=2)  # arm names of this experiment, directories or hub ids
+    weights: list[float] | None = None
+    combine: Literal["prob", "logprob"] = "prob"
+
+
+class FusionArm(_Strict):
+    """Trained combiners (`medmerge fuse train`), one arm `<config stem>_<combiner>` per combiner."""
+
+    config: str  # a `medmerge fuse train` config file
+    combiners: list[Literal["weighted", "late_fusion", "transformer"]] = Field(
+        default_factory=lambda: ["late_fusion"], min_length=1
+    )
+    tasks: list[str] | None = None  # default: the experiment's (every task must have the trained option count)
+
+
 class Experiment(_Strict):
     work_dir: str
     recipes: list[str] = Field(default_factory=list)
     moes: list[MoEArm] = Field(default_factory=list)
+    ensembles: list[EnsembleArm] = Field(default_factory=list)
+    fusions: list[FusionArm] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list)
     tasks: list[str] = Field(min_length=1)
     data_dir: str | None = None
@@ -113,11 +137,31 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
                 field=field_name(("moes", i, "config")),
             )
         load_moe_config(base / moe.config)
+    for i, fusion in enumerate(experiment.fusions):
+        if not (base / fusion.config).is_file():
+            raise UserError(
+                f"fusion config file {fusion.config} not found",
+                file=path,
+                line=line_of(lines, ("fusions", i, "config")),
+                field=field_name(("fusions", i, "config")),
+            )
+        load_fusion_config(base / fusion.config)
+    for i, ensemble in enumerate(experiment.ensembles):
+        if ensemble.weights is not None and len(ensemble.weights) != len(ensemble.members):
+            raise UserError(
+                f"{len(ensemble.members)} members but {len(ensemble.weights)} weights",
+                file=path,
+                line=line_of(lines, ("ensembles", i, "weights")),
+                field=field_name(("ensembles", i, "weights")),
+            )
     names: dict[str, tuple[str, int]] = {}  # each arm's name in work_dir: recipes by file stem, models by name
     arms = [("recipes", i, Path(r).stem) for i, r in enumerate(experiment.recipes)]
     for i, moe in enumerate(experiment.moes):
         arms += [("moes", i, name) for name in moe_arm_names(moe)]
     arms += [("models", i, arm_name(m, base)) for i, m in enumerate(experiment.models)]
+    arms += [("ensembles", i, e.name) for i, e in enumerate(experiment.ensembles)]
+    for i, fusion in enumerate(experiment.fusions):
+        arms += [("fusions", i, name) for name in fusion_arm_names(fusion)]
     for key, i, name in arms:
         if name in names:
             other_key, other = names[name]
@@ -145,10 +189,28 @@ def moe_arm_names(moe: MoEArm) -> list[str]:
     return [name] + ([f"{name}_router"] if moe.train_router else [])
 
 
+def fusion_arm_names(fusion: FusionArm) -> list[str]:
+    return [f"{Path(fusion.config).stem}_{combiner}" for combiner in fusion.combiners]
+
+
 def arm_name(model: str, base: Path) -> str:
     """What a plain model is called in the work directory and the report: a local directory by its name, a hub
     id as it is."""
     return Path(model).name if (base / model).exists() else model
+
+
+@dataclass
+class Candidate:
+    """What one report row is evaluated on: lm-eval's `pretrained` (a directory, hub id, or the members of an
+    ensemble), the identity its results are keyed by, and where it is not the experiment's `hf`-style model,
+    the lm-eval model type, its other arguments, its tasks and the name lm-eval's output gives it."""
+
+    pretrained: str
+    identity: str
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    tasks: list[str] | None = None
+    label: str | None = None
 
 
 def _is_current(out: Path, key: str) -> bool:
@@ -173,7 +235,7 @@ def run_experiment(
     experiment, base = load_experiment(path)
     work = (base / experiment.work_dir).resolve()
     (work / "models").mkdir(parents=True, exist_ok=True)
-    candidates: dict[str, tuple[str, str]] = {}  # name -> (pretrained, identity key)
+    candidates: dict[str, Candidate] = {}
 
     for i, recipe_file in enumerate(experiment.recipes, 1):
         recipe = load_recipe(base / recipe_file)  # read once: what is hashed is what is merged
@@ -196,38 +258,53 @@ def run_experiment(
                     warn=say,
                 )
             (out / KEY_FILE).write_text(key)
-        candidates[name] = (str(out), key)
+        candidates[name] = Candidate(str(out), key)
     for i, moe in enumerate(experiment.moes, 1):
         candidates |= _build_moe(moe, base, work, experiment, f"[moe {i}/{len(experiment.moes)}]", say, progress)
     for model in experiment.models:
         local = base / model
         pretrained = str(local.resolve()) if local.exists() else model
-        candidates[arm_name(model, base)] = (pretrained, _digest(pretrained))
+        candidates[arm_name(model, base)] = Candidate(pretrained, _digest(pretrained))
+    for ensemble in experiment.ensembles:
+        candidates[ensemble.name] = _ensemble(ensemble, candidates, base)
+    for i, fusion in enumerate(experiment.fusions, 1):
+        candidates |= _train_fusions(fusion, base, work, experiment, f"[fusion {i}/{len(experiment.fusions)}]", say)
 
     settings = experiment.lm_eval.model_dump()
     data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
     runs = [(name, s) for name in candidates for s in experiment.fewshot_sets]
     result_dirs, todo = [], []
     for name, shot_set in runs:
-        pretrained, identity = candidates[name]
+        arm = candidates[name]
         out = work / "results" / name.replace("/", "__") / f"shotset{shot_set}"
         result_dirs.append(out)
-        key = _digest(identity, experiment.tasks, shot_set, settings, *([data_dir] if data_dir else []))
+        tasks = arm.tasks or experiment.tasks
+        key = _digest(arm.identity, tasks, shot_set, settings, *([data_dir] if data_dir else []))
         done = _is_current(out, key)
-        todo.append(None if done else (pretrained, out, key))
+        todo.append(None if done else (arm, out, key))
     started, finished = time.monotonic(), 0
     for i, ((name, shot_set), step) in enumerate(zip(runs, todo), 1):
         if step is None:
             say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}: up to date")
             continue
-        pretrained, out, key = step
+        arm, out, key = step
         left = sum(1 for later in todo[i - 1 :] if later is not None)
         say(f"[eval {i}/{len(runs)}] {name}, shot set {shot_set}  ({time_left(started, finished, left)})")
         with (
             atomic_output_dir(out, overwrite=True, markers=[KEY_FILE]) as staging,
             scoped_environment(MEDMERGE_DATA_DIR=data_dir),
         ):
-            evaluate(pretrained, experiment.tasks, shot_set, experiment.lm_eval, staging, verbose=verbose)
+            evaluate(
+                arm.pretrained,
+                arm.tasks or experiment.tasks,
+                shot_set,
+                experiment.lm_eval,
+                staging,
+                verbose=verbose,
+                model=arm.model,
+                extra_args=arm.model_args,
+                label=arm.label,
+            )
             (staging / KEY_FILE).write_text(key)
         finished += 1
     say("[report]")
@@ -248,9 +325,10 @@ def _build_moe(
     step: str,
     say: Say,
     progress: Callable[[str], AbstractContextManager[Progress | None]] | None,
-) -> dict[str, tuple[str, str]]:
+) -> dict[str, Candidate]:
     """Build one MoE arm (and train its routers) unless up to date; returns its candidates (name -> (dir, key))."""
-    from medmerge.router_training import labelled_questions, train_router
+    from medmerge.labelled import labelled_prompts
+    from medmerge.router_training import train_router
     from merge.moe.build import PromptRun, build_moe
 
     config = load_moe_config(base / moe.config)
@@ -273,7 +351,7 @@ def _build_moe(
                 warn=say,
             )
         (out / KEY_FILE).write_text(key)
-    built = {names[0]: (str(out), key)}
+    built = {names[0]: Candidate(str(out), key)}
     if moe.train_router is None:
         return built
     trained = work / "models" / names[1]
@@ -284,9 +362,9 @@ def _build_moe(
         say(f"{step} {names[1]}: training the routers on {moe.train_router.data}")
         data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
         with scoped_environment(MEDMERGE_DATA_DIR=data_dir):
-            train = labelled_questions(_data_source(moe.train_router.data, base), "train_router.data")
+            train = labelled_prompts(_data_source(moe.train_router.data, base), "train_router.data")
             validation = (
-                labelled_questions(_data_source(moe.train_router.validation_data, base), "train_router.validation_data")
+                labelled_prompts(_data_source(moe.train_router.validation_data, base), "train_router.validation_data")
                 if moe.train_router.validation_data
                 else None
             )
@@ -304,12 +382,60 @@ def _build_moe(
                 say=say,
             )
         (trained / KEY_FILE).write_text(train_key)
-    return built | {names[1]: (str(trained), train_key)}
+    return built | {names[1]: Candidate(str(trained), train_key)}
+
+
+def _ensemble(ensemble: EnsembleArm, candidates: dict[str, Candidate], base: Path) -> Candidate:
+    """`--model medmerge-ensemble` over the members: arms of this experiment by name, else directories (relative
+    to the experiment file) or hub ids."""
+    members = []
+    for member in ensemble.members:
+        if member in candidates:
+            members.append(candidates[member])
+        else:
+            local = base / member
+            pretrained = str(local.resolve()) if local.exists() else member
+            members.append(Candidate(pretrained, _digest(pretrained)))
+    args: dict[str, Any] = {"combine": ensemble.combine}
+    if ensemble.weights is not None:
+        args["weights"] = "|".join(str(w) for w in ensemble.weights)
+    identity = _digest([m.identity for m in members], args)
+    pretrained = "|".join(m.pretrained for m in members)
+    return Candidate(pretrained, identity, "medmerge-ensemble", args, label=ensemble.name)
+
+
+def _train_fusions(
+    fusion: FusionArm, base: Path, work: Path, experiment: Experiment, step: str, say: Say
+) -> dict[str, Candidate]:
+    """Train each combiner of a fusion arm unless up to date (the members run once: their outputs are cached in
+    work_dir/fusion_cache unless the config names a cache)."""
+    from medmerge.fusion.train import train_fusion
+    from medmerge_tasks.fusion.features import fingerprint, member_directory
+
+    config = load_fusion_config(base / fusion.config)
+    data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
+    members = [fingerprint(member_directory(m)) for m in config.members]
+    arms = {}
+    for combiner, name in zip(fusion.combiners, fusion_arm_names(fusion)):
+        settings = config.model_copy(
+            update={"combiner": combiner, "cache_dir": config.cache_dir or str(work / "fusion_cache")}
+        )
+        out = work / "models" / name
+        key = _digest(settings.model_dump(exclude={"cache_dir"}), members, data_dir)
+        if _is_current(out, key):
+            say(f"{step} {name}: up to date")
+        else:
+            say(f"{step} {name}: training the {combiner} combiner")
+            with scoped_environment(MEDMERGE_DATA_DIR=data_dir):
+                train_fusion(settings, out, overwrite=True, say=say)
+            (out / KEY_FILE).write_text(key)
+        arms[name] = Candidate(str(out), key, "medmerge-fusion", tasks=fusion.tasks)
+    return arms
 
 
 def _data_source(source: str, base: Path) -> str:
-    """`medmcqa` as it is; a file relative to the experiment file."""
-    return source if source.startswith("medmcqa") else str(base / source)
+    """`medmcqa` and `task:NAME` as they are; a file relative to the experiment file."""
+    return source if source.startswith(("medmcqa", TASK_PREFIX)) else str(base / source)
 
 
 @contextmanager
@@ -358,23 +484,34 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def lm_eval_model_args(pretrained: str, settings: LmEvalSettings) -> dict[str, Any]:
-    """The model's arguments for lm-eval: the model, its dtype when set, then the experiment's own model_args."""
-    return {"pretrained": pretrained, **({"dtype": settings.dtype} if settings.dtype else {}), **settings.model_args}
+def lm_eval_model_args(
+    pretrained: str, settings: LmEvalSettings, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The model's arguments for lm-eval: the model, its own arguments (an ensemble's weights), its dtype when set,
+    then the experiment's own model_args."""
+    dtype = {"dtype": settings.dtype} if settings.dtype else {}
+    return {"pretrained": pretrained, **(extra or {}), **dtype, **settings.model_args}
 
 
 def lm_eval_command(
-    pretrained: str, tasks: list[str], shot_set: int, settings: LmEvalSettings, output_dir: Path, data_dir: str | None
+    pretrained: str,
+    tasks: list[str],
+    shot_set: int,
+    settings: LmEvalSettings,
+    output_dir: Path,
+    data_dir: str | None,
+    model: str | None = None,
+    extra_args: dict[str, Any] | None = None,
 ) -> str:
     """The plain `lm_eval` command line that makes the same evaluation as `evaluate` (for reproducing a row by
     hand)."""
     import shlex
 
-    model_args = lm_eval_model_args(pretrained, settings)
+    model_args = lm_eval_model_args(pretrained, settings, extra_args)
     words = [
         "lm_eval",
         "--model",
-        settings.model,
+        model or settings.model,
         "--model_args",
         ",".join(f"{k}={v}" for k, v in model_args.items()),
         "--tasks",
@@ -400,17 +537,23 @@ def evaluate(
     settings: LmEvalSettings,
     output_dir: Path,
     verbose: bool = False,
+    *,
+    model: str | None = None,
+    extra_args: dict[str, Any] | None = None,
+    label: str | None = None,
 ) -> None:
     """One lm-eval run through its Python API, saved exactly as `lm_eval --output_path DIR --log_samples` saves
-    it (lm-eval's own EvaluationTracker: DIR/<model>/results_<date>.json and samples_<task>_<date>.jsonl)."""
+    it (lm-eval's own EvaluationTracker: DIR/<model>/results_<date>.json and samples_<task>_<date>.jsonl).
+    `model` replaces the experiment's model type (an ensemble's), `label` the name lm-eval's output gives the
+    model (where `pretrained` is not one model)."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
-    model_args = lm_eval_model_args(pretrained, settings)
+    model_args = lm_eval_model_args(pretrained, settings, extra_args)
     tracker = EvaluationTracker(output_path=str(output_dir))
     with library_progress_bars(verbose):
         output = lm_eval.simple_evaluate(
-            model=settings.model,
+            model=model or settings.model,
             model_args=model_args,  # a dict: values holding commas or '=' reach the model as written
             tasks=tasks,
             batch_size=settings.batch_size,
@@ -421,6 +564,9 @@ def evaluate(
             metadata={"fewshot_set": shot_set},
         )
     samples = output.pop("samples")
+    if label:
+        tracker.general_config_tracker.model_name = label
+        tracker.general_config_tracker.model_name_sanitized = label
     tracker.save_results_aggregated(results=output, samples=samples)
     for task in output["configs"]:
         tracker.save_results_samples(task_name=task, samples=samples[task])

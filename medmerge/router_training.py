@@ -26,11 +26,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from medmerge.labelled import split_labelled
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import ROUTER_TRAINING_LOG, Say, check_output_dir
 from medmerge_common.quantization import check_quantization, load_causal_lm
-from medmerge_tasks.choices import EncodedQuestion, batch_inputs, encode_question, option_loglikelihoods
-from medmerge_tasks.corpora import Question
+from medmerge_tasks.choices import ChoicePrompt, EncodedQuestion, batch_inputs, encode_prompts, option_loglikelihoods
 from merge.io.checkpoint import Checkpoint, OutputTensor, read_json_object
 from merge.io.hub import input_dirs, open_model
 from merge.io.writer import model_output
@@ -286,50 +286,6 @@ def check_settings(settings: RouterSettings, num_experts: int, top_k: int) -> No
         raise UserError(*problems)
 
 
-def split_questions(
-    train: list[Question], validation: list[Question] | None, settings: RouterSettings
-) -> tuple[list[Question], list[Question]]:
-    """(training, validation) questions: the validation data if given, else a seeded `validation_fraction` of
-    the training data held out; then `limit` applied to the training questions (after a seeded shuffle)."""
-    shuffled = list(train)
-    random.Random(settings.seed).shuffle(shuffled)
-    if validation is None:
-        held = max(1, round(len(shuffled) * settings.validation_fraction))
-        if held >= len(shuffled):
-            raise UserError(
-                f"--data has {len(train)} question(s): too few to hold {held} out for validation "
-                "(give --validation-data)"
-            )
-        validation, shuffled = shuffled[:held], shuffled[held:]
-    if settings.limit is not None:
-        keep = int(settings.limit) if settings.limit >= 1 else max(1, round(settings.limit * len(shuffled)))
-        shuffled = shuffled[:keep]
-    if not shuffled or not validation:
-        raise UserError("no questions to train on or to validate with (check --data, --validation-data, --limit)")
-    return shuffled, list(validation)
-
-
-def labelled_questions(source: str, option: str) -> list[Question]:
-    """Labelled questions from `medmcqa` or a MedMCQA-schema file; a problem is one UserError naming `option`."""
-    from medmerge_tasks.sources import DatasetMissing, labelled_medmcqa
-
-    try:
-        return labelled_medmcqa(source)
-    except (ValueError, DatasetMissing) as exc:
-        raise UserError(f"{option}: {exc}") from None
-
-
-def encode_questions(tokenizer: Any, questions: list[Question]) -> list[EncodedQuestion]:
-    """Each question in the medmerge_medmcqa_inst prompt, its options the letters lm-eval scores (" A" ...)."""
-    from medmerge_tasks.sources import medmcqa_inst_doc
-
-    encoded = []
-    for q in questions:
-        doc = medmcqa_inst_doc(q)
-        encoded.append(encode_question(tokenizer, doc["prompts"][0], [" " + c for c in doc["choices"]], q.gold))
-    return encoded
-
-
 def open_moe(ref: str) -> Checkpoint:
     """The MoE checkpoint to train (a directory or hub id), checked to be a Mixtral / Qwen MoE."""
     checkpoint = open_model(ref)
@@ -360,8 +316,8 @@ def load_model(checkpoint: Checkpoint, settings: RouterSettings, device: torch.d
 def train_router(
     moe: str,
     out_dir: str | Path,
-    train: list[Question],
-    validation: list[Question] | None = None,
+    train: list[ChoicePrompt],
+    validation: list[ChoicePrompt] | None = None,
     *,
     settings: RouterSettings | None = None,
     data_names: tuple[str, str | None] = ("", None),
@@ -386,13 +342,19 @@ def train_router(
         device = check_device(settings.device)
         if settings.quantization:
             check_quantization(settings.quantization)
-        train_questions, validation_questions = split_questions(train, validation, settings)
+        train_questions, validation_questions = split_labelled(
+            train,
+            validation,
+            seed=settings.seed,
+            validation_fraction=settings.validation_fraction,
+            limit=settings.limit,
+        )
         check_output_dir(out, overwrite, inputs=input_dirs(moe))
         assert checkpoint.directory is not None
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.directory))
         pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-        train_encoded = encode_questions(tokenizer, train_questions)
-        validation_encoded = encode_questions(tokenizer, validation_questions)
+        train_encoded = encode_prompts(tokenizer, train_questions)
+        validation_encoded = encode_prompts(tokenizer, validation_questions)
 
         model = load_model(checkpoint, settings, device)
         routers = attach_routers(model, checkpoint, top_k, settings)

@@ -4,8 +4,8 @@ lm-eval 0.4.13 has no plugin entry points for tasks. `medmerge_tasks.pth` (insta
 site-packages with the project) calls :func:`install` at interpreter start; it adds one tiny finder to
 `sys.meta_path` that does nothing until `lm_eval.tasks.manager` is imported, and then wraps
 `TaskManager.__init__` so every TaskManager also scans medmerge's task directory; likewise, once
-`lm_eval.models` is imported, it registers `medmerge-hf` and `medmerge-ensemble`. Processes that never
-import lm-eval pay one failed name comparison per import. Set MEDMERGE_NO_AUTOLOAD=1 to switch it off
+`lm_eval.models` is imported, it registers `medmerge-hf`, `medmerge-ensemble` and `medmerge-fusion`. Processes
+that never import lm-eval pay one failed name comparison per import. Set MEDMERGE_NO_AUTOLOAD=1 to switch it off
 (then pass `--include_path $(python -c 'import medmerge_tasks; print(medmerge_tasks.TASK_DIR)')`).
 """
 

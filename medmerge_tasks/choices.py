@@ -81,3 +81,37 @@ def option_loglikelihoods(logits: torch.Tensor, questions: list[EncodedQuestion]
         out.append(torch.stack(scores))
         first_row += len(q.inputs)
     return out
+
+
+@dataclass(frozen=True)
+class ChoicePrompt:
+    """One labelled multiple-choice question as lm-eval scores it: the context, each option's continuation (with
+    its leading delimiter, e.g. " B"), and the index of the right one."""
+
+    context: str
+    continuations: tuple[str, ...]
+    gold: int
+    id: str = ""
+
+
+def encode_prompts(tokenizer: Any, prompts: list[ChoicePrompt]) -> list[EncodedQuestion]:
+    return [encode_question(tokenizer, p.context, list(p.continuations), p.gold) for p in prompts]
+
+
+def single_token_options(questions: list[EncodedQuestion]) -> bool:
+    """Whether every option of every question is one token (then its logit at the context's last position is the
+    model's whole output for it)."""
+    return all(len(tokens) == 1 for q in questions for tokens in q.option_tokens)
+
+
+def option_logits(logits: torch.Tensor, questions: list[EncodedQuestion]) -> list[torch.Tensor]:
+    """Per question, the (options,) raw logits of each option's first token at the context's last position: the
+    model's last-position output reduced to the answer options (from the model's logits on `batch_inputs`)."""
+    out, first_row = [], 0
+    for q in questions:
+        position = q.context_length - 1
+        rows = torch.tensor([first_row + i for i in q.option_input], device=logits.device)
+        first = torch.tensor([tokens[0] for tokens in q.option_tokens], device=logits.device)
+        out.append(logits[rows, position, first].float())
+        first_row += len(q.inputs)
+    return out

@@ -19,13 +19,18 @@ def test_demo_builds_merges_evaluates_and_reports(tmp_path, capsys) -> None:
     # the data mirror is set for the demo's own steps only (torch and hf_xet set variables of their own on import)
     assert {k: v for k, v in os.environ.items() if k.startswith("MEDMERGE_")} == ours
     printed = capsys.readouterr().out
-    assert "[eval 8/8] parent_medqa, shot set 1  (" in printed and "left)" in printed
+    assert "[eval 8/12] parent_medqa, shot set 1  (" in printed and "left)" in printed
     command = printed.split("(here the ties merge):\n  ", 1)[1].splitlines()[0]
     assert command.startswith(f"MEDMERGE_DATA_DIR={tmp_path / 'data'} lm_eval --model hf --model_args pretrained=")
     assert "--metadata '{\"fewshot_set\": 1}'" in command and "--limit 2" in command
     text = report.read_text()
-    for name in ["base", *PARENTS, *demo_recipes(tmp_path), "moe", "moe_router"]:
+    fusions = ["fusion_weighted", "fusion_late_fusion", "fusion_transformer"]
+    for name in ["base", *PARENTS, *demo_recipes(tmp_path), "moe", "moe_router", "ensemble", *fusions]:
         assert f"| {name} | " in text
+    # the combiners trained once per member (their outputs cached), then were scored on four-option questions only
+    assert printed.count("running on") == 2 and printed.count("questions cached") == 4
+    fused = [line for line in text.splitlines() if line.startswith(f"|  | {fusions[0]} |")]
+    assert fused and fused[0].count("±") == 2  # medmerge_medmcqa_inst's acc and exact_match, nothing else
     assert all((tmp_path / "run" / "models" / n / "config.json").exists() for n in demo_recipes(tmp_path))
     assert "bioinstructqa" in text and "truthfulqa_health" in text
     assert report == tmp_path / "run" / "report" / "leaderboard.md"

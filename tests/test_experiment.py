@@ -20,7 +20,7 @@ from medmerge.experiment import run_experiment
 def experiment(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[tuple[str, int]] = []
 
-    def fake_evaluate(pretrained, tasks, shot_set, settings, output_dir, verbose=False):
+    def fake_evaluate(pretrained, tasks, shot_set, settings, output_dir, verbose=False, **arm):
         """Writes what lm-eval's tracker writes, trimmed to the keys the report reads."""
         calls.append((pretrained, shot_set))
         results = {
@@ -123,7 +123,7 @@ def test_bad_experiment_file_is_one_line_with_its_line(tmp_path: Path) -> None:
     assert "lm_eval.batchsize: unknown key 'batchsize' (did you mean 'batch_size'?)" in result.stderr
 
 
-def test_bad_moe_arms_name_their_line_and_field(tmp_path: Path) -> None:
+def test_bad_moe_ensemble_and_fusion_arms_name_their_line_and_field(tmp_path: Path) -> None:
     from medmerge.experiment import load_experiment
     from medmerge_common.errors import UserError
 
@@ -138,7 +138,19 @@ def test_bad_moe_arms_name_their_line_and_field(tmp_path: Path) -> None:
         ),
         "moes:\n  - config: moe.yaml\n    train_router: {router: noisy}\n": f"{path}:5: moes[0].train_router.router",
         "moes:\n  - config: moe.yaml\nmodels: [m/moe]\n": "'moe' names two arms (moes[0] and models[0])",
+        "ensembles:\n  - name: e\n    members: [a, b]\n    weights: [1]\n": (
+            f"{path}:6: ensembles[0].weights: 2 members but 1 weights"
+        ),
+        "ensembles:\n  - {name: e, members: [a]}\n": f"{path}:4: ensembles[0].members",
+        "fusions:\n  - config: none.yaml\n": f"{path}:4: fusions[0].config: fusion config file none.yaml not found",
+        "fusions:\n  - config: fusion.yaml\n    combiners: [late]\n": f"{path}:5: fusions[0].combiners[0]",
+        "fusions:\n  - config: bad_fusion.yaml\n": f"{tmp_path / 'bad_fusion.yaml'}:2: members[0].pretrain",
+        "fusions:\n  - config: fusion.yaml\nensembles: [{name: fusion_late_fusion, members: [a, b]}]\n": (
+            "'fusion_late_fusion' names two arms (ensembles[0] and fusions[0])"
+        ),
     }
+    (tmp_path / "fusion.yaml").write_text("members: [{pretrained: a}, {pretrained: b}]\n")
+    (tmp_path / "bad_fusion.yaml").write_text("members:\n  - pretrain: a\n  - pretrained: b\n")
     (tmp_path / "m" / "moe").mkdir(parents=True)
     for text, expected in cases.items():
         path.write_text("work_dir: w\ntasks: [medmerge_mmlu_anatomy]\n" + text)

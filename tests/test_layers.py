@@ -51,7 +51,7 @@ def test_the_engine_knows_nothing_of_lm_eval_or_the_plugin() -> None:
 def test_the_plugin_knows_nothing_of_the_engine_or_the_application() -> None:
     code = (
         "import importlib.util, medmerge_tasks.sources, medmerge_tasks.prompts, medmerge_tasks.models.quantized, "
-        "medmerge_tasks.models.ensemble\n"
+        "medmerge_tasks.models.ensemble, medmerge_tasks.models.fusion, medmerge_tasks.fusion.saved\n"
         f"spec = importlib.util.spec_from_file_location('utils', {str(TASKS_UTILS)!r})\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))"
     )

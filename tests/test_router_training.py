@@ -70,8 +70,8 @@ def knowable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_trained_router_beats_the_built_one_and_transformers_scores_what_was_trained(knowable, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medmerge.router_training import encode_questions
-    from medmerge_tasks.choices import batch_inputs, option_loglikelihoods
+    from medmerge.labelled import labelled_prompts
+    from medmerge_tasks.choices import batch_inputs, encode_prompts, option_loglikelihoods
 
     out = tmp_path / "trained"
     argv = ["moe", "train-router", str(knowable["moe"]), "--data", str(knowable["train.jsonl"]), "-o", str(out)]
@@ -94,9 +94,7 @@ def test_trained_router_beats_the_built_one_and_transformers_scores_what_was_tra
     # the plain checkpoint, routed by transformers' own Mixtral router, scores what training logged
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    from medmerge_tasks.sources import labelled_medmcqa
-
-    encoded = encode_questions(tokenizer, labelled_medmcqa(str(knowable["validation.jsonl"])))
+    encoded = encode_prompts(tokenizer, labelled_prompts(str(knowable["validation.jsonl"]), "--data"))
     ids, mask = batch_inputs(encoded, tokenizer.eos_token_id, "cpu")
     with torch.no_grad():
         scores = option_loglikelihoods(model(input_ids=ids, attention_mask=mask).logits, encoded)
