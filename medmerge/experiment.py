@@ -119,40 +119,25 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
     experiment = validate_model(Experiment, data, path, lines)
     assert isinstance(experiment, Experiment)
     base = Path(path).resolve().parent
-    for i, recipe in enumerate(experiment.recipes):
-        if not (base / recipe).is_file():
-            raise UserError(
-                f"recipe file {recipe} not found",
-                file=path,
-                line=line_of(lines, ("recipes", i)),
-                field=field_name(("recipes", i)),
-            )
-        load_recipe(base / recipe)  # a broken recipe fails now, not after an hour of other work
-    for i, moe in enumerate(experiment.moes):
-        if not (base / moe.config).is_file():
-            raise UserError(
-                f"MoE config file {moe.config} not found",
-                file=path,
-                line=line_of(lines, ("moes", i, "config")),
-                field=field_name(("moes", i, "config")),
-            )
-        load_moe_config(base / moe.config)
-    for i, fusion in enumerate(experiment.fusions):
-        if not (base / fusion.config).is_file():
-            raise UserError(
-                f"fusion config file {fusion.config} not found",
-                file=path,
-                line=line_of(lines, ("fusions", i, "config")),
-                field=field_name(("fusions", i, "config")),
-            )
-        load_fusion_config(base / fusion.config)
+
+    def error(message: str, *where: str | int) -> UserError:
+        return UserError(message, file=path, line=line_of(lines, where), field=field_name(where))
+
+    # a broken recipe or config fails now, not after an hour of other work
+    files = [("recipes", i, None, "recipe", r, load_recipe) for i, r in enumerate(experiment.recipes)]
+    files += [("moes", i, "config", "MoE config", m.config, load_moe_config) for i, m in enumerate(experiment.moes)]
+    files += [
+        ("fusions", i, "config", "fusion config", f.config, load_fusion_config)
+        for i, f in enumerate(experiment.fusions)
+    ]
+    for key, i, subkey, what, file, load in files:
+        if not (base / file).is_file():
+            raise error(f"{what} file {file} not found", key, i, *([subkey] if subkey else []))
+        load(base / file)
     for i, ensemble in enumerate(experiment.ensembles):
         if ensemble.weights is not None and len(ensemble.weights) != len(ensemble.members):
-            raise UserError(
-                f"{len(ensemble.members)} members but {len(ensemble.weights)} weights",
-                file=path,
-                line=line_of(lines, ("ensembles", i, "weights")),
-                field=field_name(("ensembles", i, "weights")),
+            raise error(
+                f"{len(ensemble.members)} members but {len(ensemble.weights)} weights", "ensembles", i, "weights"
             )
     names: dict[str, tuple[str, int]] = {}  # each arm's name in work_dir: recipes by file stem, models by name
     arms = [("recipes", i, Path(r).stem) for i, r in enumerate(experiment.recipes)]
@@ -165,20 +150,16 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
     for key, i, name in arms:
         if name in names:
             other_key, other = names[name]
-            raise UserError(
+            raise error(
                 f"'{name}' names two arms ({other_key}[{other}] and {key}[{i}]): their merges and results would "
                 "share one directory; rename one of them",
-                file=path,
-                line=line_of(lines, (key, i)),
-                field=field_name((key, i)),
+                key,
+                i,
             )
         names[name] = (key, i)
     if any(s not in BIOINSTRUCTQA_SHOT_SETS for s in experiment.fewshot_sets):
-        raise UserError(
-            f"fewshot_sets are BioInstructQA's shot sets {', '.join(map(str, BIOINSTRUCTQA_SHOT_SETS))}",
-            file=path,
-            line=line_of(lines, ("fewshot_sets",)),
-            field="fewshot_sets",
+        raise error(
+            f"fewshot_sets are BioInstructQA's shot sets {', '.join(map(str, BIOINSTRUCTQA_SHOT_SETS))}", "fewshot_sets"
         )
     return experiment, base
 
