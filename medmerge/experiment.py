@@ -216,6 +216,7 @@ def run_experiment(
     experiment, base = load_experiment(path)
     work = (base / experiment.work_dir).resolve()
     (work / "models").mkdir(parents=True, exist_ok=True)
+    data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
     candidates: dict[str, Candidate] = {}
 
     for i, recipe_file in enumerate(experiment.recipes, 1):
@@ -241,18 +242,17 @@ def run_experiment(
             (out / KEY_FILE).write_text(key)
         candidates[name] = Candidate(str(out), key)
     for i, moe in enumerate(experiment.moes, 1):
-        candidates |= _build_moe(moe, base, work, experiment, f"[moe {i}/{len(experiment.moes)}]", say, progress)
+        step = f"[moe {i}/{len(experiment.moes)}]"
+        candidates |= _build_moe(moe, base, work, data_dir, experiment, step, say, progress)
     for model in experiment.models:
-        local = base / model
-        pretrained = str(local.resolve()) if local.exists() else model
-        candidates[arm_name(model, base)] = Candidate(pretrained, _digest(pretrained))
+        candidates[arm_name(model, base)] = _plain_model(model, base)
     for ensemble in experiment.ensembles:
         candidates[ensemble.name] = _ensemble(ensemble, candidates, base)
     for i, fusion in enumerate(experiment.fusions, 1):
-        candidates |= _train_fusions(fusion, base, work, experiment, f"[fusion {i}/{len(experiment.fusions)}]", say)
+        step = f"[fusion {i}/{len(experiment.fusions)}]"
+        candidates |= _train_fusions(fusion, base, work, data_dir, step, say)
 
     settings = experiment.lm_eval.model_dump()
-    data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
     runs = [(name, s) for name in candidates for s in experiment.fewshot_sets]
     result_dirs, todo = [], []
     for name, shot_set in runs:
@@ -302,6 +302,7 @@ def _build_moe(
     moe: MoEArm,
     base: Path,
     work: Path,
+    data_dir: str | None,
     experiment: Experiment,
     step: str,
     say: Say,
@@ -341,7 +342,6 @@ def _build_moe(
         say(f"{step} {names[1]}: up to date")
     else:
         say(f"{step} {names[1]}: training the routers on {moe.train_router.data}")
-        data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
         with scoped_environment(MEDMERGE_DATA_DIR=data_dir):
             train = labelled_prompts(_data_source(moe.train_router.data, base), "train_router.data")
             validation = (
@@ -366,17 +366,17 @@ def _build_moe(
     return built | {names[1]: Candidate(str(trained), train_key)}
 
 
+def _plain_model(model: str, base: Path) -> Candidate:
+    """A model evaluated as it is: a directory (relative to the experiment file) or a hub id."""
+    local = base / model
+    pretrained = str(local.resolve()) if local.exists() else model
+    return Candidate(pretrained, _digest(pretrained))
+
+
 def _ensemble(ensemble: EnsembleArm, candidates: dict[str, Candidate], base: Path) -> Candidate:
     """`--model medmerge-ensemble` over the members: arms of this experiment by name, else directories (relative
     to the experiment file) or hub ids."""
-    members = []
-    for member in ensemble.members:
-        if member in candidates:
-            members.append(candidates[member])
-        else:
-            local = base / member
-            pretrained = str(local.resolve()) if local.exists() else member
-            members.append(Candidate(pretrained, _digest(pretrained)))
+    members = [candidates.get(member) or _plain_model(member, base) for member in ensemble.members]
     args: dict[str, Any] = {"combine": ensemble.combine}
     if ensemble.weights is not None:
         args["weights"] = "|".join(str(w) for w in ensemble.weights)
@@ -386,7 +386,7 @@ def _ensemble(ensemble: EnsembleArm, candidates: dict[str, Candidate], base: Pat
 
 
 def _train_fusions(
-    fusion: FusionArm, base: Path, work: Path, experiment: Experiment, step: str, say: Say
+    fusion: FusionArm, base: Path, work: Path, data_dir: str | None, step: str, say: Say
 ) -> dict[str, Candidate]:
     """Train each combiner of a fusion arm unless up to date (the members run once: their outputs are cached in
     work_dir/fusion_cache unless the config names a cache)."""
@@ -394,7 +394,6 @@ def _train_fusions(
     from medmerge_tasks.fusion.features import fingerprint, member_directory
 
     config = load_fusion_config(base / fusion.config)
-    data_dir = str((base / experiment.data_dir).resolve()) if experiment.data_dir else None
     members = [fingerprint(member_directory(m)) for m in config.members]
     arms = {}
     for combiner, name in zip(fusion.combiners, fusion_arm_names(fusion)):

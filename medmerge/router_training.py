@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medmerge.labelled import split_labelled
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import ROUTER_TRAINING_LOG, Say, check_output_dir
-from medmerge_common.quantization import check_quantization, load_causal_lm
+from medmerge_common.quantization import check_quantization, load_causal_lm, model_dtype
 from medmerge_tasks.choices import ChoicePrompt, EncodedQuestion, batch_inputs, encode_prompts, option_loglikelihoods
 from merge.io.checkpoint import Checkpoint, OutputTensor, read_json_object
 from merge.io.hub import input_dirs, open_model
@@ -39,7 +39,6 @@ from merge.run import Progress, check_device
 
 LOG_FILE = ROUTER_TRAINING_LOG
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
 
 
@@ -308,7 +307,7 @@ def load_model(checkpoint: Checkpoint, settings: RouterSettings, device: torch.d
             f"train-router needs transformers >= 5 (its MoE blocks take the router's choice from the router "
             f"module); this environment has {transformers.__version__}"
         )
-    dtype = DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = model_dtype(settings.dtype, device.type)
     assert checkpoint.directory is not None
     return load_causal_lm(str(checkpoint.directory), dtype, settings.device, settings.quantization)
 

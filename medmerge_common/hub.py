@@ -1,10 +1,12 @@
 """Is the Hugging Face hub reachable? One quick TCP connect, so an offline machine fails in seconds instead of
-sitting through huggingface_hub's retries."""
+sitting through huggingface_hub's retries. And where a model reference is on this machine without the hub."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 # A merge or an evaluation asks many times in a few seconds; a notebook that lives for hours must see the
@@ -31,3 +33,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         reachable = False
     _last_probe = (now, endpoint, reachable)
     return reachable
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev')."""
+    repo, _, revision = ref.partition("@")
+    return repo, revision or None
+
+
+def local_dir(ref: str) -> Path | None:
+    """The local directory for `ref` (a path, or its copy under $MEDMERGE_MODEL_DIR), if there is one."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    mirror = os.environ.get("MEDMERGE_MODEL_DIR")
+    if mirror:
+        candidate = Path(mirror) / split_ref(ref)[0]
+        if candidate.is_dir():
+            return candidate
+    return None

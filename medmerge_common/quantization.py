@@ -1,4 +1,5 @@
-"""bitsandbytes 4-/8-bit loading, shared by `--model medmerge-hf`, `medmerge moe` and `medmerge moe train-router`.
+"""Loading causal LMs (bitsandbytes 4-/8-bit included), shared by `--model medmerge-hf`, `medmerge moe`, `medmerge moe
+train-router` and fusion's members.
 
 torch and transformers are imported only when a config is made, so importing this module stays cheap.
 """
@@ -72,3 +73,24 @@ def load_causal_lm(directory: str, dtype: Any, device: str, quantization: str | 
         kwargs |= {"quantization_config": bnb_config(quantization), "device_map": device}
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     return (model if quantization else model.to(device)).eval()
+
+
+def model_dtype(name: str | None, device: str) -> Any:
+    """The torch dtype a model is loaded in: `name` (float32, bfloat16, float16), or for None / "auto" bfloat16 on
+    CUDA and float32 elsewhere."""
+    import torch
+
+    if name not in (None, "auto"):
+        return getattr(torch, name)
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def free_memory() -> None:
+    """Give a released model's memory back (the caller drops its references first)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

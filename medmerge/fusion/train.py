@@ -41,11 +41,12 @@ from safetensors.torch import save_file
 
 from medmerge.labelled import TASK_PREFIX, labelled_prompts, split_labelled
 from medmerge_common.errors import UserError
-from medmerge_common.outdir import Say, atomic_output_dir
+from medmerge_common.outdir import Say, atomic_output_dir, check_output_dir
+from medmerge_common.quantization import check_quantization
 from medmerge_tasks.fusion.combiners import build_combiner
 from medmerge_tasks.fusion.features import FEATURES, FeatureCache, Member, member_directory, member_features
 from medmerge_tasks.fusion.saved import COMBINER_FILE, FORMAT, FUSION_FILE
-from merge.run import Progress
+from merge.run import Progress, check_device
 from merge.yamlfile import load_yaml, validate_model
 
 LOG_FILE = "training_log.json"
@@ -146,17 +147,12 @@ def train_fusion(
     progress: Progress | None = None,
 ) -> FusionResult:
     """Cache the members' features, train the combiner once per seed, and write FUSION_DIR atomically."""
-    from medmerge_common.outdir import check_output_dir
-    from merge.run import check_device
-
     start = time.perf_counter()
     say = say or (lambda _: None)
     out = Path(out_dir)
     check_device(config.device)
     for member in config.members:
         if member.quantization:
-            from medmerge_common.quantization import check_quantization
-
             check_quantization(member.quantization)
     directories = [member_directory(m) for m in config.members]
     check_output_dir(out, overwrite, markers=[FUSION_FILE], inputs=directories)
@@ -169,14 +165,21 @@ def train_fusion(
     cache = FeatureCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
     prompts = train + validation
     per_member, identities, member_runs = [], [], 0
-    for i, member in enumerate(config.members, 1):
+    for i, (member, directory) in enumerate(zip(config.members, directories), 1):
 
         def step(done: int, total: int, i: int = i) -> None:
             if progress:
                 progress(done, total, f"member {i}/{len(config.members)}")
 
         features, identity, ran = member_features(
-            member, prompts, device=config.device, batch_size=config.member_batch_size, cache=cache, say=say, step=step
+            member,
+            prompts,
+            device=config.device,
+            batch_size=config.member_batch_size,
+            cache=cache,
+            say=say,
+            step=step,
+            directory=directory,
         )
         per_member.append(features)
         identities.append(identity)

@@ -13,7 +13,6 @@ overlapping questions runs the member only on the questions it has not seen.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -27,6 +26,8 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from medmerge_common.errors import UserError
+from medmerge_common.hub import hub_reachable, local_dir, split_ref
+from medmerge_common.quantization import free_memory, load_causal_lm, model_dtype
 from medmerge_tasks.choices import (
     ChoicePrompt,
     EncodedQuestion,
@@ -38,7 +39,6 @@ from medmerge_tasks.choices import (
 )
 
 FEATURES = ("option_logits", "loglikelihoods")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLES_PER_FILE = 16  # evenly spaced 64 KiB reads per weight file: a retrained model changes them
 SAMPLE_BYTES = 1 << 16
 Step = Callable[[int, int], None]
@@ -53,7 +53,7 @@ class Member(BaseModel):
     quantization: Literal["4bit", "8bit"] | None = None
 
     def torch_dtype(self, device: str) -> torch.dtype:
-        return DTYPES[self.dtype] if self.dtype else torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return model_dtype(self.dtype, device)
 
 
 def member_directory(member: Member) -> Path:
@@ -61,17 +61,15 @@ def member_directory(member: Member) -> Path:
     (downloaded, or found in the hub cache offline)."""
     from huggingface_hub import snapshot_download
 
-    from medmerge_common.hub import hub_reachable
-
     ref = member.pretrained
     if "+" in ref:
         raise UserError(f"{ref}: a BASE+ADAPTER member is not supported; merge the adapter first")
-    repo, _, revision = ref.partition("@")
-    for candidate in (Path(ref).expanduser(), Path(os.environ.get("MEDMERGE_MODEL_DIR") or "/nonexistent") / repo):
-        if candidate.is_dir():
-            return candidate
+    directory = local_dir(ref)
+    if directory is not None:
+        return directory
+    repo, revision = split_ref(ref)
     try:
-        return Path(snapshot_download(repo, revision=revision or None, local_files_only=not hub_reachable()))
+        return Path(snapshot_download(repo, revision=revision, local_files_only=not hub_reachable()))
     except Exception as exc:  # network, auth, missing repo: all the user's to fix
         raise UserError(f"{ref}: not a directory, and the hub gave {type(exc).__name__}: {exc}") from None
 
@@ -105,18 +103,9 @@ def load_member(member: Member, directory: Path, device: str) -> tuple[Any, Any]
     """(model, tokenizer) as lm-eval's hf model loads them, in the member's dtype (4/8-bit with quantization)."""
     from transformers import AutoTokenizer
 
-    from medmerge_common.quantization import load_causal_lm
-
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = load_causal_lm(str(directory), member.torch_dtype(device), device, member.quantization)
     return model, tokenizer
-
-
-def free_memory() -> None:
-    """Give a released model's memory back (the caller drops its reference first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -189,12 +178,14 @@ def member_features(
     cache: FeatureCache | None,
     say: Callable[[str], None] = lambda _: None,
     step: Step | None = None,
+    directory: Path | None = None,
 ) -> tuple[dict[str, torch.Tensor], str, int]:
     """Member `member`'s features of `prompts` (rows in order), from the cache where it has them: (features,
-    the member's fingerprint, how many questions the member had to run on)."""
+    the member's fingerprint, how many questions the member had to run on). `directory`: the member's files,
+    where the caller has already found them."""
     from transformers import AutoTokenizer
 
-    directory = member_directory(member)
+    directory = directory or member_directory(member)
     identity = fingerprint(directory)
     questions = encode_prompts(AutoTokenizer.from_pretrained(str(directory)), prompts)
     keys = [question_key(q) for q in questions]

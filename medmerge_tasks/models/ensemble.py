@@ -15,13 +15,14 @@ argument (dtype, device, batch_size, ...) is passed to each member. Members must
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lm_eval.api.model import LM
+
+from medmerge_common.quantization import free_memory
 
 COMBINES = ("prob", "logprob")
 
@@ -112,9 +113,7 @@ class EnsembleLM(LM):
     def _release(self, name: str) -> None:
         if self.sequential:
             self._loaded.pop(name, None)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
 
     def _per_member(self, method: str, requests: list[Any]) -> list[list[Any]]:
         results = []

@@ -12,36 +12,16 @@ Offline (no network, or HF_HUB_OFFLINE=1) a reference that is not cached fails a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from medmerge_common.errors import UserError
-from medmerge_common.hub import hub_reachable
+from medmerge_common.hub import hub_reachable, local_dir, split_ref
 from merge.io.checkpoint import Checkpoint, tensors_from_header
 from merge.io.lora import ADAPTER_FILES, adapt, split_adapter
 from merge.vocabulary import TOKENIZER_FILES
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 META_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
-
-
-def split_ref(ref: str) -> tuple[str, str | None]:
-    """'org/name@rev' -> ('org/name', 'rev')."""
-    repo, _, revision = ref.partition("@")
-    return repo, revision or None
-
-
-def local_dir(ref: str) -> Path | None:
-    """The local directory for `ref` (a path, or its copy under $MEDMERGE_MODEL_DIR), if there is one."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    mirror = os.environ.get("MEDMERGE_MODEL_DIR")
-    if mirror:
-        candidate = Path(mirror) / split_ref(ref)[0]
-        if candidate.is_dir():
-            return candidate
-    return None
 
 
 def input_dirs(ref: str) -> list[Path]:
