@@ -27,7 +27,6 @@ from merge.methods.sce import sce
 from merge.methods.slerp import slerp
 from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
-    bernoulli_masks,
     magnitude_prune,
     merge_task_vectors,
     outlier_prune,
@@ -190,10 +189,33 @@ Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"] |
 
 
 def _task_vectors(sparsification: Sparsification, consensus: bool, c: MergeCall) -> torch.Tensor:
-    """θ_base + λ · combine(w_i · sparsify(τ_i)), see merge/methods/task_vectors.py."""
+    """θ_base + λ · combine(w_i · sparsify(τ_i)), see merge/methods/task_vectors.py. bfloat16 on the CPU with no
+    sparsification, TIES's or DARE's runs fused (merge/methods/fused_bf16.py), to the same bits."""
+    from merge.methods import fused_bf16  # numba: imported when a task-vector merge runs, not on every command
+
     base, others, per_model = c.base_and_others()
     densities = [p["density"] for p in per_model]
-    keep = bernoulli_masks(c.rng, base.numel(), densities) if sparsification == "random" else None
+    weights = [p["weight"] for p in per_model]
+    rescale = None
+    if c.params["rescale"]:
+        rescale = "density" if sparsification == "random" and c.params["rescale_by_density"] else "l1"
+    # DARE: one counter-based mask stream per model, keyed from the tensor's seeded generator
+    keys = []
+    if sparsification == "random":
+        keys = [int(k) for k in c.rng.integers(2**64, size=len(others), dtype=np.uint64)]
+    if sparsification in (None, "magnitude", "random") and fused_bf16.applies(base, others):
+        return fused_bf16.fused_task_vectors(
+            base,
+            others,
+            weights,
+            magnitude_densities=densities if sparsification == "magnitude" else None,
+            random_keys=keys or None,
+            random_densities=densities if sparsification == "random" else None,
+            rescale=rescale if sparsification else None,
+            sign_consensus=consensus,
+            normalize=c.params["normalize"],
+            lambda_=c.params["lambda"],
+        )
     uniform = (
         [None if d >= 1 else torch.from_numpy(c.rng.random(base.numel(), dtype=np.float32)) for d in densities]
         if sparsification == "della"
@@ -205,19 +227,20 @@ def _task_vectors(sparsification: Sparsification, consensus: bool, c: MergeCall)
         if sparsification == "magnitude":
             pruned = magnitude_prune(delta, p["density"])
         elif sparsification == "random":
-            pruned = random_prune(delta, keep[i])
-            if c.params["rescale"] and c.params["rescale_by_density"] and pruned is not delta:
+            keep = None if p["density"] >= 1 else fused_bf16.bernoulli_keep(keys[i], delta.numel(), p["density"])
+            pruned = random_prune(delta, keep)
+            if rescale == "density" and pruned is not delta:
                 return pruned.mul_(1 / p["density"])
         elif sparsification == "magnitude_outliers":
             pruned = outlier_prune(delta, p["density"], p["gamma"])
         else:
             pruned = delta if uniform[i] is None else rank_random_prune(delta, p["density"], p["epsilon"], uniform[i])
-        return rescale_l1(delta, pruned) if c.params["rescale"] and pruned is not delta else pruned
+        return rescale_l1(delta, pruned) if rescale == "l1" and pruned is not delta else pruned
 
     return merge_task_vectors(
         base,
         others,
-        [p["weight"] for p in per_model],
+        weights,
         prune=sparsify if sparsification else None,
         sign_consensus=consensus,
         normalize=c.params["normalize"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from merge.methods.common import BLOCK
@@ -79,7 +78,7 @@ def _magnitude_counts(flat: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def _exact_sum(counts: torch.Tensor, dtype: torch.dtype) -> float:
+def exact_sum(counts: torch.Tensor, dtype: torch.dtype) -> float:
     """Σ count[b] · value(b) over 16-bit bit patterns b: each product is exact in float64, fsum rounds once."""
     counts = counts.cpu()
     present = counts.nonzero().reshape(-1)
@@ -87,17 +86,10 @@ def _exact_sum(counts: torch.Tensor, dtype: torch.dtype) -> float:
     return math.fsum((counts[present].double() * values).tolist())
 
 
-def bernoulli_masks(rng: np.random.Generator, numel: int, densities: Sequence[float]) -> list[torch.Tensor | None]:
-    """DARE's keep masks, m_i ~ Bernoulli(density_i) for each model in order (None where density >= 1).
-
-    Drawn on the CPU from one numpy PCG64 stream, so a seed gives the same masks on every device and
-    thread count; they may be drawn ahead of the merge (medmerge draws them while reading inputs)."""
-    return [None if d >= 1 else torch.from_numpy(rng.random(numel, dtype=np.float32) < d) for d in densities]
-
-
 def random_prune(delta: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """DARE's "drop" (Yu et al. 2024, arXiv:2311.03099): τ̂ = m ⊙ τ for the Bernoulli(p = density) keep mask m
-    (None keeps everything). The rescale is separate: `rescale_l1` (mergekit's rule, the default) or 1/p
+    (None keeps everything; the masks come from `fused_bf16.bernoulli_keep`, the same on every device and dtype).
+    The rescale is separate: `rescale_l1` (mergekit's rule, the default) or 1/p
     (`rescale_by_density`, the paper's, and early-2024 mergekit's, which built BioMistral's DARE models)."""
     if keep is None:
         return delta
@@ -156,7 +148,7 @@ def rescale_l1(delta: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
 def _l1_norm(x: torch.Tensor) -> float:
     flat = x.reshape(-1)
     if flat.element_size() == 2:
-        return _exact_sum(_magnitude_counts(flat), x.dtype)
+        return exact_sum(_magnitude_counts(flat), x.dtype)
     return sum(float(flat[block].abs().sum(dtype=torch.float64)) for block in _blocks(flat.numel()))
 
 

@@ -11,6 +11,7 @@ import torch
 from merge.methods import METHODS, REQUIRED, MergeCall
 from merge.methods.arcee_fusion import arcee_fusion
 from merge.methods.common import BLOCK, MergeError
+from merge.methods.fused_bf16 import bernoulli_keep
 from merge.methods.linear import linear
 from merge.methods.model_stock import model_stock
 from merge.methods.nearswap import nearswap
@@ -20,9 +21,8 @@ from merge.methods.sce import sce
 from merge.methods.slerp import slerp
 from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
-    _exact_sum,
     _magnitude_counts,
-    bernoulli_masks,
+    exact_sum,
     magnitude_prune,
     merge_task_vectors,
     outlier_prune,
@@ -146,15 +146,24 @@ def test_magnitude_prune_matches_a_stable_sort(dtype: torch.dtype) -> None:
         assert torch.equal(magnitude_prune(delta, density), expected)
 
 
-def mask(seed: int, delta: torch.Tensor, density: float) -> torch.Tensor | None:
-    return bernoulli_masks(np.random.default_rng(seed), delta.numel(), [density])[0]
+def mask(seed: int, delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The mask a DARE method draws for its first model from a generator seeded `seed`."""
+    key = int(np.random.default_rng(seed).integers(2**64, size=1, dtype=np.uint64)[0])
+    return bernoulli_keep(key, delta.numel(), density)
 
 
-def test_bernoulli_masks_are_seeded_in_model_order() -> None:
-    a = bernoulli_masks(np.random.default_rng(1), 1000, [0.5, 1.0, 0.2])
-    b = bernoulli_masks(np.random.default_rng(1), 1000, [0.5, 1.0, 0.2])
-    assert a[1] is None and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
-    assert a[2].float().mean().item() == pytest.approx(0.2, abs=0.05)
+def test_bernoulli_keep_is_keyed_counter_based_and_keeps_density() -> None:
+    a, b, other = bernoulli_keep(7, 300_000, 0.2), bernoulli_keep(7, 300_000, 0.2), bernoulli_keep(8, 300_000, 0.2)
+    assert torch.equal(a, b) and not torch.equal(a, other)
+    assert a.float().mean().item() == pytest.approx(0.2, abs=0.005)
+    assert torch.equal(bernoulli_keep(7, 1000, 0.2), a[:1000])  # entry j's draw depends on (key, j) only
+    assert bool(bernoulli_keep(7, 1000, 1.0).all()) and not bool(bernoulli_keep(7, 1000, 1e-12).any())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(bernoulli_keep(7, 300_000, 0.2), a)  # one range instead of one per thread
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_random_prune_is_seeded_rescales_l1_and_keeps_about_density() -> None:
@@ -170,7 +179,7 @@ def test_random_prune_is_seeded_rescales_l1_and_keeps_about_density() -> None:
 
 def test_l1_sums_are_exact_for_16_bit_floats() -> None:
     t = (torch.randn(3 * BLOCK // 2) * 0.01).bfloat16()
-    assert _exact_sum(_magnitude_counts(t), t.dtype) == math.fsum(t.double().abs().tolist())
+    assert exact_sum(_magnitude_counts(t), t.dtype) == math.fsum(t.double().abs().tolist())
 
 
 def test_random_prune_rescale_matches_the_exact_l1_ratio() -> None:

@@ -1,0 +1,413 @@
+"""The task-vector pipeline of merge/methods/task_vectors.py for bfloat16 tensors on the CPU, fused into compiled
+passes (numba): bit for bit the same results as `merge_task_vectors` with `magnitude_prune` (TIES), DARE's
+`random_prune` or no sparsification, and `rescale_l1` / the 1/density rescale (tests/merge/test_fused_bf16.py).
+
+    τ_i = θ_i − θ_base,  τ̂_i = m_i ⊙ τ_i (· s_i),  δ_i = w_i τ̂_i
+    θ   = θ_base + λ · Σ_i δ_i [sgn δ_i = γ] / Σ_i w_i [sgn δ_i = γ],   γ = sgn Σ_i δ_i   (TIES)
+    θ   = θ_base + λ · Σ_i δ_i (/ Σ_i w_i)                                                 (no consensus)
+
+torch runs that chain as about thirty elementwise passes, each converting bfloat16 to float32 and back. Here each
+entry is read once, carried in float32 and rounded to bfloat16 exactly where torch rounds (round to nearest even,
+NaN to 0x7FC0), so the two agree to the bit. A TIES trim needs one histogram pass per model first (its threshold
+is an order statistic of |τ_i|), DARE's L1 rescale one pass for the kept entries' norm. Work is split into
+contiguous ranges run on torch's thread count (the kernels release the GIL); every range computes the same values,
+so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+from numba import njit
+
+from merge.methods.task_vectors import exact_sum
+
+ALL, MAGNITUDE, RANDOM = 0, 1, 2  # what m_i keeps: everything, TIES's top-k |τ|, DARE's Bernoulli draw
+ROW = 4096  # entries per inner block: the k weighted deltas of a block stay in L1/L2 cache
+MIN_PARALLEL = 1 << 16  # smaller tensors run in the calling thread
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always")
+def _value(bits: np.uint16) -> np.float32:
+    """The float32 value of bfloat16 bits (exact)."""
+    return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
+
+
+@njit(inline="always")
+def _round(x: np.float32) -> np.uint16:
+    """float32 -> bfloat16 bits as torch converts: round to nearest, ties to even; NaN becomes 0x7FC0."""
+    u = np.float32(x).view(np.uint32)
+    rounded = np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(0x7FC0) if x != x else rounded
+
+
+@njit(inline="always")
+def _rounded(x: np.float32) -> np.float32:
+    return _value(_round(x))
+
+
+@njit(inline="always")
+def _splitmix(key: np.uint64, index: np.int64) -> np.uint64:
+    """SplitMix64's output number `index` for stream `key` (Steele et al. 2014): a counter-based generator, so
+    any output is computed on its own, in any order, on any thread."""
+    z = np.uint64(key + np.uint64(index + 1) * GOLDEN)
+    z = np.uint64((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9))
+    z = np.uint64((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB))
+    return np.uint64(z ^ (z >> np.uint64(31)))
+
+
+@njit(inline="always")
+def _draw(key: np.uint64, j: np.int64) -> np.uint32:
+    """Entry j's 32 random bits: the low half of output j // 2 for even j, the high half for odd j."""
+    z = _splitmix(key, j >> 1)
+    return np.uint32(z >> np.uint64(32)) if j & 1 else np.uint32(z & np.uint64(0xFFFFFFFF))
+
+
+@njit(inline="always")
+def _fill_draws(key: np.uint64, start: np.int64, size: np.int64, draws: np.ndarray) -> None:
+    """draws[jj] = _draw(key, start + jj) for an even `start`, one SplitMix64 output per two entries."""
+    for pair in range((size + 1) // 2):
+        z = _splitmix(key, (start >> 1) + pair)
+        draws[2 * pair] = np.uint32(z & np.uint64(0xFFFFFFFF))
+        draws[2 * pair + 1] = np.uint32(z >> np.uint64(32))
+
+
+@njit(nogil=True, cache=True)
+def _bernoulli_range(key: np.uint64, limit: np.uint64, out: np.ndarray, lo: int, hi: int) -> None:
+    for j in range(lo, hi):
+        out[j] = _draw(key, j) < limit
+
+
+@njit(nogil=True, cache=True)
+def _delta_counts_range(
+    base: np.ndarray,
+    other: np.ndarray,
+    key: np.uint64,
+    limit: np.uint64,
+    random: bool,
+    counts: np.ndarray,
+    kept: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
+    """counts[b] += #entries with |τ| bits b; if `random`, kept[b] the same for m ⊙ τ under a DARE draw.
+    The bits of a row are computed first (a loop that vectorises), then counted."""
+    magnitudes = np.empty(ROW, np.uint16)
+    pruned = np.empty(ROW, np.uint16)
+    draws = np.empty(ROW, np.uint32)
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        base_row, other_row = base[start : start + size], other[start : start + size]
+        for jj in range(size):
+            magnitudes[jj] = _round(_value(other_row[jj]) - _value(base_row[jj])) & np.uint16(0x7FFF)
+        if random:
+            _fill_draws(key, start, size, draws)
+            for jj in range(size):
+                d = _round(_value(other_row[jj]) - _value(base_row[jj]))
+                keep = np.float32(1) if draws[jj] < limit else np.float32(0)
+                pruned[jj] = _round(_value(d) * keep) & np.uint16(0x7FFF)
+        for jj in range(size):
+            counts[np.int64(magnitudes[jj])] += 1
+        if random:
+            for jj in range(size):
+                kept[np.int64(pruned[jj])] += 1
+
+
+@njit(nogil=True, cache=True)
+def _nth_equal(base: np.ndarray, other: np.ndarray, magnitude: np.uint16, nth: int, lo: int, hi: int) -> int:
+    """The flat index of the nth (1-based) entry in [lo, hi) whose |τ| has bits `magnitude`: rows are counted
+    whole (a loop that vectorises) until the one that holds it."""
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        base_row, other_row = base[start : start + size], other[start : start + size]
+        found = 0
+        for jj in range(size):
+            found += (_round(_value(other_row[jj]) - _value(base_row[jj])) & np.uint16(0x7FFF)) == magnitude
+        if found < nth:
+            nth -= found
+            continue
+        for jj in range(size):
+            if (_round(_value(other_row[jj]) - _value(base_row[jj])) & np.uint16(0x7FFF)) == magnitude:
+                nth -= 1
+                if nth == 0:
+                    return start + jj
+    return -1
+
+
+@njit(inline="always")
+def _pruned(d: np.uint16, keep: bool, scale: np.float32, weight: np.float32) -> np.float32:
+    """w_i · s_i · (m_i ⊙ τ_i) for one entry, rounded where torch rounds. The 0/1 mask is a product, as torch
+    prunes (dropped negatives stay -0.0); it is exact, so torch's rounding after it changes nothing but NaN bits,
+    which the next rounding sets anyway. The rescale is a product with a float32 scalar (torch skips it when it
+    is 1: a product with 1 changes no bits, and a test inside the loop would stop it vectorising)."""
+    v = _value(d) * (np.float32(1) if keep else np.float32(0))
+    return _rounded(_rounded(v * scale) * weight)
+
+
+@njit(nogil=True, cache=True)
+def _combine_range(
+    base: np.ndarray,
+    others: tuple,
+    rule: np.ndarray,
+    threshold: np.ndarray,
+    cutoff: np.ndarray,
+    key: np.ndarray,
+    limit: np.ndarray,
+    scale: np.ndarray,
+    weight: np.ndarray,
+    consensus: bool,
+    normalize: bool,
+    weight_total: np.float32,
+    lambda_: np.float32,
+    out: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
+    k = len(others)
+    weighted = np.empty((k, ROW), np.float32)  # δ_i for one row of entries
+    rows = np.empty((3, ROW), np.float32)
+    draws = np.empty(ROW, np.uint32)
+    total, merged, divisor = rows[0], rows[1], rows[2]
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        base_row = base[start : start + size]  # row views: indexing from 0 lets LLVM vectorise the loops
+        # One loop per rule: a rule test inside the loop keeps LLVM from vectorising it.
+        for i in range(k):
+            other, row, scale_i, weight_i = others[i][start : start + size], weighted[i], scale[i], weight[i]
+            if rule[i] == MAGNITUDE and 0 <= cutoff[i] - start < size - 1:  # the row where kept ties end
+                threshold_i, last = threshold[i], cutoff[i] - start
+                for jj in range(size):
+                    d = _round(_value(other[jj]) - _value(base_row[jj]))
+                    magnitude = d & np.uint16(0x7FFF)
+                    keep = (magnitude > threshold_i) | ((magnitude == threshold_i) & (jj <= last))
+                    row[jj] = _pruned(d, keep, scale_i, weight_i)
+            elif rule[i] == MAGNITUDE:  # every other row keeps all its ties or none: one comparison
+                lowest = np.uint16(threshold[i] if cutoff[i] >= start + size - 1 else threshold[i] + 1)
+                for jj in range(size):
+                    d = _round(_value(other[jj]) - _value(base_row[jj]))
+                    row[jj] = _pruned(d, (d & np.uint16(0x7FFF)) >= lowest, scale_i, weight_i)
+            elif rule[i] == RANDOM:
+                _fill_draws(key[i], start, size, draws)
+                limit_i = limit[i]
+                for jj in range(size):
+                    d = _round(_value(other[jj]) - _value(base_row[jj]))
+                    row[jj] = _pruned(d, draws[jj] < limit_i, scale_i, weight_i)
+            else:
+                for jj in range(size):
+                    row[jj] = _rounded(_value(_round(_value(other[jj]) - _value(base_row[jj]))) * weight_i)
+        for jj in range(size):
+            total[jj] = 0  # torch's sums start from +0.0
+        for i in range(k):
+            row = weighted[i]
+            for jj in range(size):
+                total[jj] += row[jj]
+        if consensus:  # one pass per model again, so each loop is a plain vectorisable one
+            for jj in range(size):
+                merged[jj] = 0
+                divisor[jj] = 0
+            for i in range(k):
+                row, weight_i = weighted[i], weight[i]
+                for jj in range(size):
+                    v = row[jj]
+                    # sgn δ_i = γ, γ = sgn Σ δ_i with 0 counting as + (the bfloat16 rounding keeps the sign)
+                    positive = total[jj] >= 0
+                    agrees = np.float32(1) if (positive & (v > 0)) | ((not positive) & (v < 0)) else np.float32(0)
+                    merged[jj] += _rounded(v * agrees)
+                    divisor[jj] += agrees * weight_i
+            for jj in range(size):
+                m = _rounded(merged[jj])
+                if normalize:
+                    d = _rounded(divisor[jj])
+                    m = _rounded(m / (d if d != 0 else np.float32(1)))
+                total[jj] = m
+        elif normalize:
+            for jj in range(size):
+                total[jj] = _rounded(_rounded(total[jj]) / weight_total)
+        else:
+            for jj in range(size):
+                total[jj] = _rounded(total[jj])
+        out_row = out[start : start + size]
+        for jj in range(size):
+            m = total[jj] if lambda_ == 1 else _rounded(total[jj] * lambda_)
+            out_row[jj] = _round(_value(base_row[jj]) + m)
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="medmerge-fused")
+
+
+def _ranges(n: int) -> list[tuple[int, int]]:
+    threads = max(1, torch.get_num_threads())
+    if n < MIN_PARALLEL or threads == 1:
+        return [(0, n)]
+    step = -(-n // threads // ROW) * ROW
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _parallel(run: Callable[[int, int], object], n: int) -> list[object]:
+    ranges = _ranges(n)
+    if len(ranges) == 1:
+        return [run(*ranges[0])]
+    return list(_pool(len(ranges)).map(lambda r: run(*r), ranges))
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+
+
+def applies(base: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused path takes this merge: bfloat16 tensors on the CPU."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (base, *others))
+
+
+def bernoulli_keep(key: int, numel: int, density: float) -> torch.Tensor:
+    """DARE's keep mask m ~ Bernoulli(density), m_j = [U_j < density] with U_j = draw j of the counter-based
+    stream `key` / 2**32: the same mask the fused path applies, for the torch path (any device or dtype)."""
+    out = np.empty(numel, np.bool_)
+    limit = _limit(density)
+    _parallel(lambda lo, hi: _bernoulli_range(np.uint64(key), limit, out, lo, hi), numel)
+    return torch.from_numpy(out)
+
+
+def _limit(density: float) -> np.uint64:
+    """P(U < limit / 2**32) = density to within 2**-32."""
+    return np.uint64(min(1 << 32, round(density * (1 << 32))))
+
+
+@dataclass
+class _Model:
+    """What the combine pass needs to know about model i's sparsification and rescale."""
+
+    rule: int = ALL
+    threshold: int = 0
+    cutoff: int = -1
+    key: int = 0
+    limit: int = 0
+    scale: float = 1.0
+
+
+def _counts(base: np.ndarray, other: np.ndarray, key: int, limit: int, random: bool) -> list[tuple[np.ndarray, ...]]:
+    """Per range of `_ranges`: the |τ| histogram and (if `random`) the histogram of the DARE-pruned |τ̂|."""
+
+    def run(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        counts, kept = np.zeros(1 << 15, np.int64), np.zeros(1 << 15, np.int64)
+        _delta_counts_range(base, other, np.uint64(key), np.uint64(limit), random, counts, kept, lo, hi)
+        return counts, kept
+
+    return _parallel(run, base.size)  # type: ignore[return-value]
+
+
+def _l1_scale(counts: np.ndarray, kept: np.ndarray) -> float:
+    """rescale_l1's factor ‖τ‖₁ / ‖τ̂‖₁ from |τ| and |τ̂| histograms (1 where either norm is below 1e-7)."""
+    before, after = (exact_sum(torch.from_numpy(c), torch.bfloat16) for c in (counts, kept))
+    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+
+def _magnitude_model(base: np.ndarray, other: np.ndarray, density: float, rescale: bool) -> _Model:
+    """TIES's trim as a (threshold bits, cutoff index) rule: magnitude_prune keeps |τ| bits above the threshold
+    and the first entries at it in flat order, k = max(1, ⌊density·n⌋) in all."""
+    n = base.size
+    k = max(1, int(density * n))
+    if density >= 1 or k >= n:
+        return _Model()
+    parts = [p[0] for p in _counts(base, other, 0, 0, False)]
+    counts = sum(parts)
+    at_least = np.cumsum(counts[::-1])[::-1]
+    threshold = int(np.nonzero(at_least >= k)[0].max())
+    ties = k - (int(at_least[threshold + 1]) if threshold + 1 < at_least.size else 0)
+    cutoff, left = -1, ties
+    for (lo, hi), part in zip(_ranges(n), parts):  # the range holding the last kept tie, then the entry
+        if left <= part[threshold]:
+            cutoff = _nth_equal(base, other, np.uint16(threshold), left, lo, hi)
+            break
+        left -= int(part[threshold])
+    scale = 1.0
+    if rescale:
+        kept = counts.copy()
+        kept[:threshold] = 0
+        kept[threshold] = ties  # dropped entries are finite, so they add only zeros to ‖τ̂‖₁
+        scale = _l1_scale(counts, kept)
+    return _Model(MAGNITUDE, threshold, cutoff, scale=scale)
+
+
+def _random_model(base: np.ndarray, other: np.ndarray, key: int, density: float, rescale: str | None) -> _Model:
+    """DARE's drop as a (key, limit) rule; `rescale` is "l1" (mergekit's), "density" (1/p, the paper's) or None."""
+    if density >= 1:
+        return _Model()
+    limit = int(_limit(density))
+    scale = 1.0
+    if rescale == "density":
+        scale = 1 / density
+    elif rescale == "l1":
+        parts = _counts(base, other, key, limit, True)
+        scale = _l1_scale(sum(p[0] for p in parts), sum(p[1] for p in parts))
+    return _Model(RANDOM, key=key, limit=limit, scale=scale)
+
+
+def fused_task_vectors(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    magnitude_densities: Sequence[float] | None = None,
+    random_keys: Sequence[int] | None = None,
+    random_densities: Sequence[float] | None = None,
+    rescale: str | None = None,
+    sign_consensus: bool = False,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """merge_task_vectors(base, others, weights, prune=..., ...) for bfloat16 on the CPU, with no sparsification,
+    TIES's trim (`magnitude_densities`) or DARE's drop (`random_keys`, `random_densities`: bernoulli_keep's masks),
+    each pruned τ̂_i rescaled by `rescale` ("l1", or "density" for DARE) when it was pruned."""
+    flat_base = _bits(base)
+    flats = [_bits(x) for x in others]
+    if magnitude_densities is not None:
+        models = [_magnitude_model(flat_base, x, d, rescale == "l1") for x, d in zip(flats, magnitude_densities)]
+    elif random_keys is not None and random_densities is not None:
+        models = [_random_model(flat_base, x, k, d, rescale) for x, k, d in zip(flats, random_keys, random_densities)]
+    else:
+        models = [_Model() for _ in flats]
+    # weights and scales as torch holds them: bfloat16-rounded weights, float32 scalar operands
+    w = np.array([float(torch.tensor(x, dtype=torch.bfloat16)) for x in weights], np.float32)
+    weight_total = np.float32(1)
+    if normalize and not sign_consensus:
+        total = np.float32(0)
+        for x in w:  # _sum's order: float32, from +0.0, rounded once to bfloat16
+            total = np.float32(total + x)
+        rounded = float(torch.tensor(total).bfloat16())
+        weight_total = np.float32(rounded if abs(rounded) >= 1e-8 else 1)
+    out = np.empty_like(flat_base)
+    fields = {name: [getattr(m, name) for m in models] for name in ("rule", "threshold", "cutoff", "key", "limit")}
+    arrays = (
+        np.array(fields["rule"], np.int64),
+        np.array(fields["threshold"], np.uint16),
+        np.array(fields["cutoff"], np.int64),
+        np.array(fields["key"], np.uint64),
+        np.array(fields["limit"], np.uint64),
+        np.array([m.scale for m in models], np.float32),
+        w,
+    )
+    _parallel(
+        lambda lo, hi: _combine_range(
+            flat_base,
+            tuple(flats),
+            *arrays,
+            sign_consensus,
+            normalize,
+            weight_total,
+            np.float32(lambda_),
+            out,
+            lo,
+            hi,
+        ),
+        flat_base.size,
+    )
+    return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).reshape(base.shape)

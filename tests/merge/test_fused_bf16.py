@@ -1,0 +1,135 @@
+"""The fused bfloat16 pipeline gives the torch pipeline's bits: every sparsification it takes, every rescale,
+sign consensus on and off, normalize, lambda, negative and zero weights, signed zeros, ties at the TIES
+threshold, NaN/Inf inputs (NaN compared as NaN: torch's own vectorised and scalar conversions write different
+NaN bits), and any thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from merge.methods import METHODS, MergeCall, fused_bf16
+from merge.methods.fused_bf16 import applies, bernoulli_keep, fused_task_vectors
+from merge.methods.task_vectors import magnitude_prune, merge_task_vectors, random_prune, rescale_l1
+
+
+def torch_pipeline(base, others, weights, mode, densities, keys, rescale, consensus, normalize, lambda_):
+    def prune(delta: torch.Tensor, i: int) -> torch.Tensor:
+        if mode == "magnitude":
+            pruned = magnitude_prune(delta, densities[i])
+        else:
+            keep = None if densities[i] >= 1 else bernoulli_keep(keys[i], delta.numel(), densities[i])
+            pruned = random_prune(delta, keep)
+            if rescale == "density" and pruned is not delta:
+                return pruned.mul_(1 / densities[i])
+        return rescale_l1(delta, pruned) if rescale == "l1" and pruned is not delta else pruned
+
+    return merge_task_vectors(
+        base,
+        others,
+        weights,
+        prune=prune if mode else None,
+        sign_consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    differ = (a.view(torch.int16) != b.view(torch.int16)) & ~(a.isnan() & b.isnan())
+    return not bool(differ.any())
+
+
+def case(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = int(rng.choice([1, 7, 100, 5000, 70_000, 200_001]))
+    scale = float(rng.choice([1e-3, 1.0, 1e30]))
+    base = (torch.randn(n, generator=g) * scale).bfloat16()
+    if seed % 3 == 0:  # zeros and negative zeros in the base
+        base[: n // 3] = 0.0
+        base[: n // 10] = -0.0
+    others = []
+    for _ in range(int(rng.integers(1, 5))):
+        x = base + (torch.randn(n, generator=g) * scale * float(rng.choice([1e-3, 0.1, 1.0]))).bfloat16()
+        if seed % 5 == 0:  # exact copies: many zero deltas, so many ties at the trim threshold
+            x[: n // 2] = base[: n // 2]
+        if seed % 17 == 0 and n > 10:
+            x[3], x[5] = float("nan"), float("inf")
+        others.append(x)
+    k = len(others)
+    mode = rng.choice([None, "magnitude", "random"])
+    settings = dict(
+        weights=[float(rng.choice([0.5, 1.0, 0.3, -0.7, 0.0, 2.0])) for _ in range(k)],
+        mode=mode,
+        densities=[float(rng.choice([0.1, 0.5, 0.53, 0.9, 1.0])) for _ in range(k)],
+        keys=[int(x) for x in rng.integers(0, 2**63, k)],
+        rescale=rng.choice([None, "l1", *(["density"] if mode == "random" else [])]),
+        consensus=bool(rng.integers(2)),
+        normalize=bool(rng.integers(2)),
+        lambda_=float(rng.choice([1.0, 0.3, 1.5, -1.0])),
+    )
+    if settings["normalize"] and not settings["consensus"] and sum(settings["weights"]) == 0:
+        settings["normalize"] = False
+    return dict(base=base, others=others, **settings)
+
+
+def fused(c: dict) -> torch.Tensor:
+    mode = c["mode"]
+    return fused_task_vectors(
+        c["base"],
+        c["others"],
+        c["weights"],
+        magnitude_densities=c["densities"] if mode == "magnitude" else None,
+        random_keys=c["keys"] if mode == "random" else None,
+        random_densities=c["densities"] if mode == "random" else None,
+        rescale=c["rescale"],
+        sign_consensus=c["consensus"],
+        normalize=c["normalize"],
+        lambda_=c["lambda_"],
+    )
+
+
+@pytest.mark.parametrize("seeds", [range(0, 40), range(40, 80), range(80, 120)])
+def test_fused_equals_the_torch_pipeline_bit_for_bit(seeds: range) -> None:
+    for seed in seeds:
+        c = case(seed)
+        expected = torch_pipeline(**c)
+        assert same_bits(fused(c), expected), {k: v for k, v in c.items() if k not in ("base", "others")}
+
+
+def test_fused_does_not_depend_on_the_thread_count() -> None:
+    base = torch.randn(300_001).bfloat16()
+    others = [base + (torch.randn(300_001) * 0.01).bfloat16() for _ in range(3)]
+    c = dict(base=base, others=others, weights=[0.5, 0.3, 1.0], densities=[0.5, 0.5, 0.2], keys=[1, 2, 3])
+    c.update(mode="magnitude", rescale="l1", consensus=True, normalize=True, lambda_=1.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(c)
+        torch.set_num_threads(max(2, threads))
+        many = fused(c)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.view(torch.int16), many.view(torch.int16))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
+def test_methods_give_the_same_bits_on_both_paths(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = torch.randn(64, 300).bfloat16()
+    others = [base + (0.01 * torch.randn(64, 300)).bfloat16() for _ in range(2)]
+    spec = METHODS[method]
+    shared = {p.name: p.default for p in spec.params if not p.per_model}
+    per_model = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]
+
+    def apply() -> torch.Tensor:
+        call = MergeCall([base, *others], 0, dict(shared), [{}, *per_model], np.random.default_rng(3))
+        return spec.apply(call)
+
+    assert applies(base, others) and not applies(base.float(), [x.float() for x in others])
+    fused_result = apply()
+    monkeypatch.setattr(fused_bf16, "applies", lambda *_: False)  # the torch pipeline, same declaration
+    torch_result = apply()
+    assert torch.equal(fused_result.view(torch.int16), torch_result.view(torch.int16))
+    assert not torch.equal(fused_result, base)
