@@ -92,31 +92,27 @@ def _delta_counts_range(
     limit: np.uint64,
     random: bool,
     counts: np.ndarray,
-    kept: np.ndarray,
     lo: int,
     hi: int,
 ) -> None:
-    """counts[b] += #entries with |τ| bits b; if `random`, kept[b] the same for m ⊙ τ under a DARE draw.
-    The bits of a row are computed first (a loop that vectorises), then counted."""
-    magnitudes = np.empty(ROW, np.uint16)
-    pruned = np.empty(ROW, np.uint16)
+    """counts[c] += #entries with code c = (|τ| bits) + 2¹⁵ · [dropped by the DARE draw] (never dropped unless
+    `random`): one histogram gives both ‖τ‖₁ and ‖m ⊙ τ‖₁. A row's codes are computed first (a loop that
+    vectorises), then counted."""
+    codes = np.empty(ROW, np.uint16)
     draws = np.empty(ROW, np.uint32)
     for start in range(lo, hi, ROW):
         size = min(ROW, hi - start)
         base_row, other_row = base[start : start + size], other[start : start + size]
-        for jj in range(size):
-            magnitudes[jj] = _round(_value(other_row[jj]) - _value(base_row[jj])) & np.uint16(0x7FFF)
         if random:
             _fill_draws(key, start, size, draws)
             for jj in range(size):
-                d = _round(_value(other_row[jj]) - _value(base_row[jj]))
-                keep = np.float32(1) if draws[jj] < limit else np.float32(0)
-                pruned[jj] = _round(_value(d) * keep) & np.uint16(0x7FFF)
-        for jj in range(size):
-            counts[np.int64(magnitudes[jj])] += 1
-        if random:
+                magnitude = _round(_value(other_row[jj]) - _value(base_row[jj])) & np.uint16(0x7FFF)
+                codes[jj] = magnitude | (np.uint16(0x8000) if draws[jj] >= limit else np.uint16(0))
+        else:
             for jj in range(size):
-                kept[np.int64(pruned[jj])] += 1
+                codes[jj] = _round(_value(other_row[jj]) - _value(base_row[jj])) & np.uint16(0x7FFF)
+        for jj in range(size):
+            counts[np.int64(codes[jj])] += 1
 
 
 @njit(nogil=True, cache=True)
@@ -293,13 +289,13 @@ class _Model:
     scale: float = 1.0
 
 
-def _counts(base: np.ndarray, other: np.ndarray, key: int, limit: int, random: bool) -> list[tuple[np.ndarray, ...]]:
-    """Per range of `_ranges`: the |τ| histogram and (if `random`) the histogram of the DARE-pruned |τ̂|."""
+def _counts(base: np.ndarray, other: np.ndarray, key: int, limit: int, random: bool) -> list[np.ndarray]:
+    """Per range of `_ranges`: the histogram of `_delta_counts_range`'s codes (2¹⁶ bins)."""
 
-    def run(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        counts, kept = np.zeros(1 << 15, np.int64), np.zeros(1 << 15, np.int64)
-        _delta_counts_range(base, other, np.uint64(key), np.uint64(limit), random, counts, kept, lo, hi)
-        return counts, kept
+    def run(lo: int, hi: int) -> np.ndarray:
+        counts = np.zeros(1 << 16, np.int64)
+        _delta_counts_range(base, other, np.uint64(key), np.uint64(limit), random, counts, lo, hi)
+        return counts
 
     return _parallel(run, base.size)  # type: ignore[return-value]
 
@@ -317,7 +313,7 @@ def _magnitude_model(base: np.ndarray, other: np.ndarray, density: float, rescal
     k = max(1, int(density * n))
     if density >= 1 or k >= n:
         return _Model()
-    parts = [p[0] for p in _counts(base, other, 0, 0, False)]
+    parts = [p[: 1 << 15] for p in _counts(base, other, 0, 0, False)]
     counts = sum(parts)
     at_least = np.cumsum(counts[::-1])[::-1]
     threshold = int(np.nonzero(at_least >= k)[0].max())
@@ -346,8 +342,13 @@ def _random_model(base: np.ndarray, other: np.ndarray, key: int, density: float,
     if rescale == "density":
         scale = 1 / density
     elif rescale == "l1":
-        parts = _counts(base, other, key, limit, True)
-        scale = _l1_scale(sum(p[0] for p in parts), sum(p[1] for p in parts))
+        codes = sum(_counts(base, other, key, limit, True))
+        kept, dropped = codes[: 1 << 15].copy(), codes[1 << 15 :]
+        every = kept + dropped
+        # torch prunes with a product: a dropped finite entry becomes ±0, a dropped Inf/NaN a NaN
+        kept[0] += dropped[:0x7F80].sum()
+        kept[0x7FC0] += dropped[0x7F80:].sum()
+        scale = _l1_scale(every, kept)
     return _Model(RANDOM, key=key, limit=limit, scale=scale)
 
 
