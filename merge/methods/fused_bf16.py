@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from merge.methods.task_vectors import exact_sum
+from merge.methods.task_vectors import exact_sum, l1_ratio
 
 ALL, MAGNITUDE, RANDOM = 0, 1, 2  # what m_i keeps: everything, TIES's top-k |τ|, DARE's Bernoulli draw
 ROW = 4096  # entries per inner block: the k weighted deltas of a block stay in L1/L2 cache
@@ -302,9 +302,9 @@ def _counts(base: np.ndarray, other: np.ndarray, key: int, limit: int, random: b
 
 
 def _l1_scale(counts: np.ndarray, kept: np.ndarray) -> float:
-    """rescale_l1's factor ‖τ‖₁ / ‖τ̂‖₁ from |τ| and |τ̂| histograms (1 where either norm is below 1e-7)."""
-    before, after = (exact_sum(torch.from_numpy(c), torch.bfloat16) for c in (counts, kept))
-    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+    """rescale_l1's factor from |τ| and |τ̂| histograms (1, no rescale, where `l1_ratio` gives none)."""
+    ratio = l1_ratio(*(exact_sum(torch.from_numpy(c), torch.bfloat16) for c in (counts, kept)))
+    return 1.0 if ratio is None else ratio
 
 
 def _magnitude_model(base: np.ndarray, other: np.ndarray, density: float, rescale: bool) -> _Model:
@@ -387,13 +387,12 @@ def fused_task_vectors(
         rounded = float(torch.tensor(total).bfloat16())
         weight_total = np.float32(rounded if abs(rounded) >= 1e-8 else 1)
     out = np.empty_like(flat_base)
-    fields = {name: [getattr(m, name) for m in models] for name in ("rule", "threshold", "cutoff", "key", "limit")}
     arrays = (
-        np.array(fields["rule"], np.int64),
-        np.array(fields["threshold"], np.uint16),
-        np.array(fields["cutoff"], np.int64),
-        np.array(fields["key"], np.uint64),
-        np.array(fields["limit"], np.uint64),
+        np.array([m.rule for m in models], np.int64),
+        np.array([m.threshold for m in models], np.uint16),
+        np.array([m.cutoff for m in models], np.int64),
+        np.array([m.key for m in models], np.uint64),
+        np.array([m.limit for m in models], np.uint64),
         np.array([m.scale for m in models], np.float32),
         w,
     )

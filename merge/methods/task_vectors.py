@@ -139,10 +139,13 @@ def rescale_l1(delta: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     """τ̂ · ‖τ‖₁ / ‖τ̂‖₁ — mergekit's `rescale`: the pruned task vector keeps the original's L1 norm (1/p in
     expectation for DARE). Unchanged when either norm is below 1e-7. For 16-bit floats the norms are exact,
     order-free sums, so the result does not depend on device or thread count."""
-    before, after = _l1_norm(delta), _l1_norm(pruned)
-    if before < 1e-7 or after < 1e-7:
-        return pruned
-    return pruned.mul_(before / after)  # computed in float32, rounded once to the delta's dtype
+    ratio = l1_ratio(_l1_norm(delta), _l1_norm(pruned))
+    return pruned if ratio is None else pruned.mul_(ratio)  # computed in float32, rounded once to the delta's dtype
+
+
+def l1_ratio(before: float, after: float) -> float | None:
+    """‖τ‖₁ / ‖τ̂‖₁, or None (no rescale) when either norm is below 1e-7."""
+    return None if before < 1e-7 or after < 1e-7 else before / after
 
 
 def _l1_norm(x: torch.Tensor) -> float:
