@@ -177,6 +177,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    with interrupts_held():
+        from medmerge.search.run import run_search
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    outcome = run_search(
+        args.search,
+        args.out_dir,
+        allow_test_fitness=args.allow_test_fitness,
+        ray_address=args.ray_address,
+        restart=args.restart,
+        merge_best=args.merge_best,
+        say=say,
+    )
+    print(outcome.best_recipe)
+    if outcome.report is not None:
+        _print_report(outcome.report)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.report import build_report
@@ -284,6 +306,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no merge progress bars")
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
+
+    search = sub.add_parser(
+        "search",
+        help="search a recipe's parameters against lm-eval scores on held-out tasks (resumable)",
+        description="Optimise the ranges of a search file (a recipe with {range: [low, high]} or {choice: [...]} "
+        "where values go, and a 'search:' block) with CMA-ES or Optuna's TPE. Each trial merges into one loaded "
+        "model (only the tensors it changes) and scores it with lm-eval on the fitness tasks, which must be "
+        "held-out splits. Every trial is appended to OUT_DIR/journal.jsonl; run the same command again to "
+        "resume. Writes OUT_DIR/best.yaml (an ordinary recipe), fitness.png, parameters.png and, with "
+        "test_tasks, the best recipe's report against its parents on the test tasks (OUT_DIR/final/report).",
+    )
+    search.add_argument("search", help="the search YAML file")
+    search.add_argument("out_dir", help="output directory (journal, best recipe, figures, final report)")
+    search.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="run trials on a Ray cluster (auto, or HOST:PORT); without it, `workers:` > 1 starts a local Ray",
+    )
+    search.add_argument(
+        "--allow-test-fitness",
+        action="store_true",
+        help="let fitness tasks be scored on test splits (their numbers are then tuned on, not measured)",
+    )
+    search.add_argument("--restart", action="store_true", help="discard OUT_DIR's journal and start over")
+    search.add_argument("--merge-best", metavar="DIR", help="also merge the best recipe into DIR")
+    search.set_defaults(func=cmd_search)
 
     report = sub.add_parser(
         "report",

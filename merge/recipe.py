@@ -164,6 +164,12 @@ def load_recipe(path: str | Path) -> Recipe:
     problem found, each with file, line and field. Reads no model."""
     text = read_text(path)
     data, lines = parse_yaml(text, path)
+    return recipe_from_data(data, path, lines, text)
+
+
+def recipe_from_data(data: Any, path: str | Path, lines: dict[Path_, int], text: str) -> Recipe:
+    """Check a parsed recipe (`data`, from file `path` whose `lines` name where each key sits; `text` is what is
+    copied into the output) as load_recipe does."""
     recipe = validate_model(Recipe, data, path, lines)
     assert isinstance(recipe, Recipe)
     recipe.source_file = Path(path)

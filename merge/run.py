@@ -102,6 +102,40 @@ def merge_tensor(
         raise UserError(f"{plan.recipe.method.name} cannot merge tensor '{job.output.name}': {exc}") from None
 
 
+def load_job(job: TensorJob, plan: MergePlan, models: dict[str, Checkpoint], device: torch.device, seed: int) -> Loaded:
+    """One job's inputs, read from the open models, cast to the merge dtype, re-indexed to the output vocabulary
+    where the recipe sets one, on `device`; its generator; and how many NaN/Inf entries each input held."""
+    tensors = [models[s.model].read(s.tensor) for s in job.sources]
+    nonfinite = [count_nonfinite(x) for x in tensors]  # in the stored dtype: a cast must not hide or add any
+    merge_dtype = plan.recipe.merge_dtype
+    tensors = [x if job.copy_only else x.to(merge_dtype or x.dtype) for x in tensors]
+    if job.vocabulary:
+        assert plan.vocabulary is not None
+        tensors = plan.vocabulary.align([s.model for s in job.sources], tensors, job.base_index)
+    return [x.to(device) for x in tensors], method_rng(job, plan, seed), nonfinite
+
+
+def inputs_finite(job: TensorJob, nonfinite: list[int], allow_nonfinite: bool, warn: Say) -> bool:
+    """Whether the job's inputs are all finite; raises for the first that is not, unless allowed."""
+    for source, count in zip(job.sources, nonfinite):
+        if count:
+            where = f"model '{source.model}' tensor '{source.tensor}' holds {count} NaN/Inf value(s)"
+            if not allow_nonfinite:
+                raise UserError(f"{where}; nothing was merged (--allow-nonfinite merges it anyway)")
+            warn(f"{where}; merged anyway (--allow-nonfinite)")
+    return not any(nonfinite)
+
+
+def check_merged(name: str, merged: torch.Tensor, inputs_finite: bool) -> None:
+    """A merged tensor that turns non-finite from finite inputs stops the merge."""
+    bad = count_nonfinite(merged) if inputs_finite else 0
+    if bad:
+        raise UserError(
+            f"merging tensor '{name}' gives {bad} NaN/Inf value(s) from finite inputs (do the recipe's "
+            "weights or lambda overflow the merge dtype?); nothing was written"
+        )
+
+
 def run_merge(
     recipe: str | Path | Recipe,
     out_dir: str | Path | None,
@@ -137,26 +171,12 @@ def run_merge(
         return MergeResult(None, plan, time.perf_counter() - start)
     assert out is not None
     inputs = [d for m in models.values() for d in m.directories]
-    merge_dtype = recipe.merge_dtype
 
     def load(job: TensorJob) -> Loaded:
-        tensors = [models[s.model].read(s.tensor) for s in job.sources]
-        nonfinite = [count_nonfinite(x) for x in tensors]  # in the stored dtype: a cast must not hide or add any
-        tensors = [x if job.copy_only else x.to(merge_dtype or x.dtype) for x in tensors]
-        if job.vocabulary:
-            assert plan.vocabulary is not None
-            tensors = plan.vocabulary.align([s.model for s in job.sources], tensors, job.base_index)
-        return [x.to(target) for x in tensors], method_rng(job, plan, seed), nonfinite
+        return load_job(job, plan, models, target, seed)
 
     def check_inputs(job: TensorJob, nonfinite: list[int]) -> bool:
-        """Whether the job's inputs are all finite; raises for the first that is not, unless allowed."""
-        for source, count in zip(job.sources, nonfinite):
-            if count:
-                where = f"model '{source.model}' tensor '{source.tensor}' holds {count} NaN/Inf value(s)"
-                if not allow_nonfinite:
-                    raise UserError(f"{where}; nothing was merged (--allow-nonfinite merges it anyway)")
-                warn(f"{where}; merged anyway (--allow-nonfinite)")
-        return not any(nonfinite)
+        return inputs_finite(job, nonfinite, allow_nonfinite, warn)
 
     try:
         outputs = [j.output for j in plan.jobs]
@@ -184,12 +204,7 @@ def _merge_all(
     each way keeps memory flat."""
 
     def write(name: str, merged: torch.Tensor, inputs_finite: bool) -> None:
-        bad = count_nonfinite(merged) if inputs_finite else 0
-        if bad:
-            raise UserError(
-                f"merging tensor '{name}' gives {bad} NaN/Inf value(s) from finite inputs (do the recipe's "
-                "weights or lambda overflow the merge dtype?); nothing was written"
-            )
+        check_merged(name, merged, inputs_finite)
         writer.write(name, merged)
 
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:

@@ -1,0 +1,1 @@
+"""`medmerge search`: parameter search over merge recipes, scored by lm-eval on held-out tasks."""
