@@ -262,3 +262,6 @@ def test_best_recipe_merged_and_reported_on_test_tasks(tiny, mirror, tmp_path):
     for arm in ("best", "base", "ft1", "ft2"):
         assert f"| {arm} " in board or f"{arm}" in board
     assert (tmp_path / "out" / "final" / "results" / "best").is_dir()
+    with pytest.raises(UserError, match="exists and is not an empty directory"):  # before the search, not after
+        run_search(tmp_path / "s.yaml", tmp_path / "out2", merge_best=tmp_path / "best", say=lambda _: None)
+    assert not (tmp_path / "out2").exists()

@@ -170,6 +170,10 @@ def run_search(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a directory", file=out)
+    best_dir = Path(merge_best) if merge_best is not None else None
+    if best_dir is not None and best_dir.exists() and (not best_dir.is_dir() or any(best_dir.iterdir())):
+        # refused now, not after the search's hours; never replaced
+        raise UserError(f"--merge-best {best_dir}: exists and is not an empty directory; name a new one")
     data_dir = str((space.file.parent / settings.data_dir).resolve()) if settings.data_dir else None
     budget_trials = settings.trials or (None if settings.time_budget is not None else DEFAULT_TRIALS)
     budget_seconds = seconds(settings.time_budget, space.file, space.lines) if settings.time_budget else math.inf
@@ -224,16 +228,15 @@ def run_search(
 
     plot_trials(trials, space, out)
     say(f"best: trial {best.trial + 1}, fitness {best.fitness:.4f}; recipe {best_recipe}")
-    if merge_best is not None:
+    if best_dir is not None:
         run_merge(
             space.recipe(best.point),
-            merge_best,
+            best_dir,
             device=settings.merge.device,
             seed=settings.merge.seed,
-            overwrite=True,
             warn=say,
         )
-        say(f"merged the best recipe into {merge_best}")
+        say(f"merged the best recipe into {best_dir}")
     report = _final_evaluation(space, best, best_recipe, out, data_dir, say) if settings.test_tasks else None
     return SearchOutcome(best, trials, best_recipe, report)
 
