@@ -40,6 +40,15 @@ def warn(line: str) -> None:
     print(f"medmerge: warning: {line}", file=sys.stderr)
 
 
+def to_stderr(line: str) -> None:
+    """Progress and summary lines go to stderr: stdout carries only what a script reads."""
+    print(line, file=sys.stderr)
+
+
+def nowhere(_line: str) -> None:
+    """What --quiet says."""
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     if args.out_dir is None and not args.dry_run:
         raise UserError("give OUT_DIR, the directory to write the merged model to (only --dry-run needs none)")
@@ -110,7 +119,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     train = labelled_prompts(args.data, "--data")
     validation = labelled_prompts(args.validation_data, "--validation-data") if args.validation_data else None
     settings = RouterSettings(**{name: getattr(args, name) for name in RouterSettings.model_fields})
-    say = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    say = nowhere if args.quiet else to_stderr
     with progress_bar(f"training {Path(args.moe_dir).name}'s routers", enabled=not args.quiet) as progress:
         result = train_router(
             args.moe_dir,
@@ -138,7 +147,7 @@ def cmd_fuse_train(args: argparse.Namespace) -> int:
 
     overrides = {"combiner": args.combiner, "seeds": args.seed, "limit": args.limit, "cache_dir": args.cache_dir}
     config = with_overrides(load_fusion_config(args.config), device=args.device, **overrides)
-    say = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    say = nowhere if args.quiet else to_stderr
     with progress_bar("members' outputs", enabled=not args.quiet) as progress:
         result = train_fusion(config, args.out_dir, overwrite=args.overwrite, say=say, progress=progress)
     say(
@@ -167,11 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from medmerge.console import progress_bar
         from medmerge.experiment import run_experiment
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr)
-
     leaderboard = run_experiment(
-        args.experiment, say=say, progress=lambda d: progress_bar(d, not args.quiet), verbose=args.verbose
+        args.experiment, say=to_stderr, progress=lambda d: progress_bar(d, not args.quiet), verbose=args.verbose
     )
     _print_report(leaderboard)
     return 0
@@ -181,9 +187,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.search.run import run_search
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr)
-
     outcome = run_search(
         args.search,
         args.out_dir,
@@ -191,7 +194,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         restart=args.restart,
         merge_best=args.merge_best,
-        say=say,
+        say=to_stderr,
     )
     print(outcome.best_recipe)
     if outcome.report is not None:
@@ -203,9 +206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.report import build_report
 
-    def say(line: str) -> None:
-        if not args.quiet:
-            print(line, file=sys.stderr)
+    say = nowhere if args.quiet else to_stderr
 
     leaderboard = build_report(
         args.results,

@@ -43,7 +43,7 @@ def ties_space(tiny: dict[str, Path], mirror: Path, **search: object) -> dict:
             },
             {"model": str(tiny["ft2"]), "parameters": {"weight": 0.5, "density": {"range": [0.2, 1.0]}}},
         ],
-        "search": {"fitness": [FITNESS], "trials": 4, "data_dir": str(mirror), "lm_eval": LM_EVAL} | search,
+        "search": {"fitness": [FITNESS], "trials": 4, "data_dir": str(mirror), "lm_eval": dict(LM_EVAL)} | search,
     }
 
 
@@ -90,6 +90,7 @@ BAD = [
     (lambda s: s["search"].update(optimizer="bayes"), ("search", "optimizer"), "optimizer"),
     (lambda s: s["search"].update(time_budget="soon"), ("search", "time_budget"), "not a positive duration"),
     (lambda s: s["search"].update(fitness=[]), ("search", "fitness"), "fitness"),
+    (lambda s: s["search"]["lm_eval"].update(model="medmerge-hf"), ("search", "lm_eval", "model"), "hf model"),
 ]
 
 
@@ -159,7 +160,7 @@ def test_in_memory_trial_equals_the_merge_on_disk(tiny, mirror, tmp_path):
     assert names == ["parameters.t[0].value", "parameters.t[1].value[1]"]
     first, second = dict(zip(names, (0.3, 0.9))), dict(zip(names, (0.7, 0.9)))
     run_merge(search.recipe(first), tmp_path / "carrier")
-    worker = TrialWorker(str(path), str(tmp_path / "carrier"), first, str(mirror))
+    worker = TrialWorker(search, str(tmp_path / "carrier"), first, str(mirror))
     result = worker.run(second)
     attention = [n for n in load_weights(tmp_path / "carrier") if "self_attn" in n]
     assert result.recomputed == len(attention) > 0

@@ -69,7 +69,8 @@ class Journal:
         if not path.exists():
             path.write_text(json.dumps({"search": identity}) + "\n")
             return
-        lines = path.read_text().splitlines()
+        text = path.read_text()
+        lines = text.splitlines()
         header = _json(lines[0]) if lines else None
         if len(lines) <= 1:  # no trial finished: nothing to keep
             path.write_text(json.dumps({"search": identity}) + "\n")
@@ -85,7 +86,7 @@ class Journal:
             if record is not None:
                 trial = Trial(**record)
                 self.trials[trial.trial] = trial
-        if lines and not path.read_text().endswith("\n"):  # a kill cut the last line short: drop it
+        if not text.endswith("\n"):  # a kill cut the last line short: drop it
             path.write_text("\n".join(lines[:-1]) + "\n")
 
     def add(self, trial: Trial) -> None:
@@ -107,8 +108,8 @@ def _json(line: str) -> dict[str, Any] | None:
 class SerialPool:
     """Trials one after another on one worker in this process."""
 
-    def __init__(self, make: Callable[[], TrialWorker]) -> None:
-        self.worker = make()
+    def __init__(self, worker: TrialWorker) -> None:
+        self.worker = worker
 
     def run(self, items: list[tuple[int, Point]]) -> Iterator[tuple[int, TrialResult]]:
         for number, point in items:
@@ -207,9 +208,10 @@ def run_search(
                 say(f"time budget of {settings.time_budget} spent")
                 break
             if todo and pool is None:
-                pool = _start_pool(space, out, points[0], data_dir, ray_address, say)
+                pool = _start_pool(space, out, points[0], data_dir, ray_address, tasks, say)
+            asked_now = dict(todo)
             for number, result in pool.run(todo) if todo else ():
-                trial = Trial(number, dict(zip(numbers, points))[number], **asdict(result))
+                trial = Trial(number, asked_now[number], **asdict(result))
                 journal.add(trial)
                 say(_trial_line(trial, budget_trials))
             done += len(points)
@@ -242,16 +244,16 @@ def run_search(
 
 
 def _start_pool(
-    space: SearchSpace, out: Path, first: Point, data_dir: str | None, ray_address: str | None, say: Say
+    space: SearchSpace, out: Path, first: Point, data_dir: str | None, ray_address: str | None, tasks: Any, say: Say
 ) -> SerialPool | RayPool:
     """Merge the first point to disk (the carrier every worker loads), then start the workers."""
     settings = space.settings
     carrier = out / CARRIER
     say(f"writing the carrier model (the first point, merged once to disk) to {carrier}")
     run_merge(space.recipe(first), carrier, device=settings.merge.device, seed=settings.merge.seed, overwrite=True)
-    args = (str(space.file.resolve()), str(carrier.resolve()), first, data_dir)
+    args = (space, str(carrier.resolve()), first, data_dir)
     if settings.workers == 1 and ray_address is None:
-        return SerialPool(lambda: TrialWorker(*args))
+        return SerialPool(TrialWorker(*args, tasks=tasks))  # the driver's task manager: indexed once
     cuda = "cuda" in (settings.merge.device, settings.lm_eval.device)
     say(f"starting {settings.workers} Ray worker(s){' at ' + ray_address if ray_address else ''}")
     return RayPool(args, settings.workers, ray_address, cuda, data_dir)

@@ -136,6 +136,11 @@ def load_search(path: str | Path) -> SearchSpace:
     assert isinstance(settings, SearchSettings)
     if settings.time_budget is not None:
         seconds(settings.time_budget, path, lines)
+    if settings.lm_eval.model != "hf":
+        raise UserError(
+            f"a search scores its trials in memory through lm-eval's hf model, not '{settings.lm_eval.model}'",
+            **_where(path, lines, "search", "lm_eval", "model"),
+        )
     recipe_part = {key: value for key, value in data.items() if key != "search"}
     dimensions = [_dimension(value, where, path, lines) for where, value in _searched(recipe_part, ())]
     if not dimensions:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medmerge.experiment import library_progress_bars, lm_eval_model_args, scoped_environment
-from medmerge.search.space import FitnessTerm, Point, SearchSpace, load_search
+from medmerge.search.space import FitnessTerm, Point, SearchSpace
 from medmerge_common.errors import UserError, did_you_mean
 from merge.inplace import InPlaceMerge
 
@@ -80,32 +80,30 @@ def fitness_of(results: dict[str, Any], terms: list[FitnessTerm]) -> tuple[float
 class TrialWorker:
     """One model copy that evaluates trials one after another (in this process, or as a Ray actor)."""
 
-    def __init__(self, search_file: str, carrier: str, carrier_point: Point, data_dir: str | None) -> None:
+    def __init__(
+        self, space: SearchSpace, carrier: str, carrier_point: Point, data_dir: str | None, tasks: Any = None
+    ) -> None:
+        """`tasks`: a TaskManager to reuse (the driver's, when the worker runs in its process)."""
         import lm_eval.api.registry
 
-        self.space = load_search(search_file)
+        self.space = space
         self.data_dir = data_dir
-        settings = self.space.settings
-        if settings.lm_eval.model != "hf":
-            raise UserError(
-                f"search evaluates trials in memory through lm-eval's hf model; lm_eval.model is "
-                f"'{settings.lm_eval.model}'",
-                **self.space.where("search", "lm_eval", "model"),
-            )
+        settings = space.settings
         with _quiet(logging.WARNING), library_progress_bars(False):
             self.lm = lm_eval.api.registry.get_model("hf").create_from_arg_obj(
                 lm_eval_model_args(carrier, settings.lm_eval),
                 {"batch_size": settings.lm_eval.batch_size, "device": settings.lm_eval.device},
             )
+        loaded = space.recipe(carrier_point)
         self.merger = InPlaceMerge(
-            self.space.recipe(carrier_point),
+            loaded,
             self.lm.model.state_dict(keep_vars=True),
             device=settings.merge.device,
             seed=settings.merge.seed,
             cache_inputs=settings.cache_inputs,
         )
-        self.merger.assume(self.space.recipe(carrier_point))
-        self.tasks = task_manager(settings.fewshot_set, [t.task for t in settings.fitness])
+        self.merger.assume(loaded)
+        self.tasks = tasks or task_manager(settings.fewshot_set, [t.task for t in settings.fitness])
 
     def run(self, point: Point) -> TrialResult:
         import lm_eval
