@@ -164,8 +164,11 @@ def _print_report(leaderboard: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     with interrupts_held():
-        from medmerge.demo import run_demo
+        from medmerge.demo import run_demo, run_search_demo
 
+    if args.search:
+        run_search_demo(Path(args.dir))
+        return 0
     leaderboard = run_demo(Path(args.dir), verbose=args.verbose)
     _print_report(leaderboard)
     return 0
@@ -378,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir", nargs="?", default="medmerge-demo", help="work directory (default: ./medmerge-demo)")
     demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    demo.add_argument(
+        "--search",
+        action="store_true",
+        help="instead: search SLERP's t and TIES's weight/density on held-out fixture questions from the hand-picked "
+        "settings (medmerge search, CMA-ES), then report the best and the hand-picked recipe beside the parents on "
+        "test questions (DIR/search/summary.md)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="manage the evaluation datasets").add_subparsers(

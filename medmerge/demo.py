@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -143,14 +144,9 @@ NOTE = (
 )
 
 
-def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bool = False) -> Path:
-    """Build the tiny models and fixture data, then run the demo experiment; returns the report's leaderboard.md.
-
-    `quick` (the test suite's configuration) runs every step with less training and two documents per task, so
-    the parents barely learn: it checks the pipeline, not what the demo shows."""
+def build_demo_inputs(work: Path, quick: bool, say: Callable[..., None]) -> Path:
+    """The fixture data mirror (work/data, returned) and the tiny base and parents (work/models), built once."""
     steps = (20, 5) if quick else (150, 30)
-    say = print if progress else (lambda *a, **k: None)
-    work = work.resolve()
     models = work / "models"
     data = build_data_mirror(work / "data")
     if not all((models / p / "config.json").exists() for p in PARENTS):
@@ -168,6 +164,17 @@ def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bo
             # two stages: mixed into one, the longer TruthfulQA answers drown the one-letter BioInstructQA ones
             finetune_on_answers(models / "base", models / name, letters, steps=steps[0], seed=len(name))
             finetune_on_answers(models / name, models / name, answers, steps=steps[1], lr=1e-3, seed=len(name))
+    return data
+
+
+def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bool = False) -> Path:
+    """Build the tiny models and fixture data, then run the demo experiment; returns the report's leaderboard.md.
+
+    `quick` (the test suite's configuration) runs every step with less training and two documents per task, so
+    the parents barely learn: it checks the pipeline, not what the demo shows."""
+    say = print if progress else (lambda *a, **k: None)
+    work = work.resolve()
+    data = build_demo_inputs(work, quick, say)
     recipe_dir = work / "recipes"
     recipe_dir.mkdir(parents=True, exist_ok=True)
     for name, recipe in demo_recipes(work).items():
@@ -212,3 +219,85 @@ def run_demo(work: Path, progress: bool = True, verbose: bool = False, quick: bo
         )
     )
     return leaderboard
+
+
+# --- `medmerge demo --search` ------------------------------------------------------------------------------
+
+SEARCH_FITNESS = "medmerge_bioinstructqa_validation"  # held-out questions of the eight original corpora
+SEARCH_TEST = "medmerge_bioinstructqa_original"  # the same corpora's test questions, in the same prompt
+
+
+def demo_searches(work: Path, quick: bool) -> dict[str, dict]:
+    """SLERP's t (attention and MLP) and TIES's weight and density per parent, each starting from the hand-picked
+    settings BioMistral's merges use (t 0.5; weight 0.5, density 0.5), CMA-ES with a small budget."""
+    t = {"range": [0.0, 1.0], "start": 0.5}
+    weight_or_density = {"range": [0.1, 1.0], "start": 0.5}  # above 0: a weight 0 for both parents is no merge
+    settings = {
+        "fitness": [{"task": SEARCH_FITNESS, "metric": "acc"}],
+        "optimizer": "cma",
+        "seed": 0,
+        "test_tasks": [SEARCH_TEST],
+        "data_dir": str(work / "data"),
+        "lm_eval": {"model": "hf", "batch_size": 8, "dtype": "float32", "device": "cpu", "limit": 2 if quick else None},
+    }
+    recipes = demo_recipes(work)  # the demo's recipes, their hand-picked values replaced by searched ones
+    searched_t = {"t": [{"filter": "self_attn", "value": t}, {"filter": "mlp", "value": t}, {"value": 0.5}]}
+    searched_ties = {"weight": weight_or_density, "density": weight_or_density}
+    return {
+        # the start point, then three CMA-ES generations of 6 (4 + 3 ln 2 for two dimensions)
+        "slerp": recipes["slerp"] | {"parameters": searched_t, "search": settings | {"trials": 3 if quick else 19}},
+        # the start point, then three CMA-ES generations of 8 (4 + 3 ln 4 for four dimensions)
+        "ties": recipes["ties"]
+        | {
+            "models": [m | {"parameters": searched_ties} for m in recipes["ties"]["models"]],
+            "search": settings | {"trials": 3 if quick else 25},
+        },
+    }
+
+
+def run_search_demo(work: Path, progress: bool = True, quick: bool = False) -> Path:
+    """Search the demo's SLERP and TIES parameters on held-out fixture questions from BioMistral's hand-picked
+    settings, then evaluate the best and the hand-picked recipe beside the parents on the test questions; returns
+    work/search/summary.md (the two searches side by side, and where their reports are)."""
+    from medmerge.search.run import run_search
+
+    say = print if progress else (lambda *a, **k: None)
+    work = work.resolve()
+    build_demo_inputs(work, quick, say)
+    out = work / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, space in demo_searches(work, quick).items():
+        path = out / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(space, sort_keys=False))
+        say(f"searching {path} ({space['search']['trials']} trials: fitness {SEARCH_FITNESS} acc)")
+        found = run_search(path, out / name, say=say)
+        assert found.start is not None and found.report is not None  # every demo search has both
+        test = _test_acc(found.report)
+        point = ", ".join(f"{k} {v:.3f}" for k, v in found.best.point.items())
+        rows.append(
+            f"| {name} | {found.start.fitness:.3f} | {found.best.fitness:.3f} | "
+            f"{found.best.fitness - found.start.fitness:+.3f} | {test.get('start', test['best']):.3f} | "
+            f"{test['best']:.3f} | {point} | {found.report.relative_to(out)} |"
+        )
+    summary = out / "summary.md"
+    summary.write_text(
+        "# `medmerge demo --search`\n\n"
+        f"acc on {SEARCH_FITNESS} (validation: the held-out questions searched on) and on {SEARCH_TEST} (test: "
+        "questions the search never saw; each report puts the best recipe (`best`) beside the hand-picked one "
+        "(`start`) and the parents, with paired tests). Tiny models and 32 / 40 synthetic questions: it checks the "
+        "pipeline, not medicine, and a gain this size on validation is within noise on test.\n\n"
+        "| search | start, validation | best, validation | gain | start, test | best, test | best point | report |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    say(summary.read_text())
+    return summary
+
+
+def _test_acc(leaderboard: Path) -> dict[str, float]:
+    """Each row's acc on SEARCH_TEST, from the final report's leaderboard.csv."""
+    import csv
+
+    with (leaderboard.parent / "leaderboard.csv").open(newline="") as file:
+        column = f"{SEARCH_TEST.removeprefix('medmerge_')} acc"
+        return {row["model"]: float(row[column]) for row in csv.DictReader(file)}

@@ -29,6 +29,7 @@ from medmerge_tasks.corpora import (
     Corpus,
     Question,
 )
+from medmerge_tasks.sources import held_out
 
 FACTS = [
     ("Which organ produces insulin?", "pancreas", ["liver", "spleen", "kidney", "thyroid"]),
@@ -74,11 +75,19 @@ def _mc_record(rng: random.Random, corpus: str, index: int, letters: str, with_c
 
 
 def corpus_questions(corpus: Corpus, split: str) -> list[Question]:
-    """The synthetic questions of one split of a corpus: what its fixture file holds, and the oracle's truth."""
+    """The synthetic questions of one split of a corpus: what its fixture file holds, and the oracle's truth.
+
+    A split held out of train has no file: its questions are those the loader's `held_out` picks from the train
+    fixture, which then holds four times FIXTURE_ROWS["validation"] so that a quarter of it is that many."""
+    if corpus.splits[split].held_out:
+        return held_out(corpus_questions(corpus, "fewshot"), corpus.splits[split].held_out)
+    rows = FIXTURE_ROWS[split]
+    if split == "fewshot" and any(s.held_out for s in corpus.splits.values()):
+        rows = 4 * FIXTURE_ROWS["validation"]
     rng = random.Random(f"{corpus.name}-{split}")
     return [
         dataclasses.replace(_synthetic(rng, f"{corpus.name} {split}", i, 4), id=f"{corpus.name}-{split}-{i}")
-        for i in range(FIXTURE_ROWS[split])
+        for i in range(rows)
     ]
 
 
@@ -152,6 +161,8 @@ def build_data_mirror(root: str | Path, per_corpus: int = 6, truthfulqa: tuple[l
         write_rows(root / TRUTHFULQA.repo / config / "validation-00000-of-00001.parquet", rows)
     for corpus in CORPORA.values():
         for split, files in corpus.splits.items():
+            if files.held_out:  # in the train file
+                continue
             write_rows(
                 root / corpus.dataset.repo / files.published_as,
                 [corpus.write(q, split) for q in corpus_questions(corpus, split)],

@@ -43,6 +43,7 @@ class Family:
 
 def families() -> list[Family]:
     bio = {f"medmerge_{task}": {"corpus": corpus} for corpus, (task, _) in BIOINSTRUCTQA_CORPORA.items()}
+    validation = {f"medmerge_{name}_validation": {"corpus": name, "split": "validation"} for name in CORPORA}
     out = [
         Family("medmerge_bioinstructqa", bio, ACC + EXACT_MATCH, "_bioinstructqa_template_yaml"),
         Family(
@@ -59,18 +60,20 @@ def families() -> list[Family]:
         Family(
             "medmerge_bioinstructqa_original",
             {f"medmerge_{name}_original": {"corpus": name} for name in CORPORA},
-            ACC,
+            ACC + EXACT_MATCH,
             "_bioinstructqa_original_template_yaml",
         ),
         Family(
-            "medmerge_mmlu_med_validation",
-            {
-                f"medmerge_{name}_validation": {"corpus": name, "split": "validation"}
-                for name, corpus in CORPORA.items()
-                if "validation" in corpus.splits and name.startswith("mmlu_")
-            },
-            ACC,
+            "medmerge_bioinstructqa_validation",
+            validation,
+            ACC + EXACT_MATCH,
             "_bioinstructqa_validation_template_yaml",
+            "held-out questions of the original corpora, for tuning: never a test split",
+        ),
+        Family(
+            "medmerge_mmlu_med_validation",
+            {task: kwargs for task, kwargs in validation.items() if kwargs["corpus"].startswith("mmlu_")},
+            ACC + EXACT_MATCH,
         ),
     ]
     for form, template, prompts, metrics, note in (
@@ -108,12 +111,6 @@ def generated_files() -> dict[str, str]:
         if family.template:
             for task, kwargs in family.members.items():
                 files[f"{task}.yaml"] = task_yaml(family.template, task, kwargs)
-    for name, corpus in CORPORA.items():  # a validation split outside MMLU: its task, in no group yet
-        task = f"medmerge_{name}_validation"
-        if "validation" in corpus.splits and f"{task}.yaml" not in files:
-            files[f"{task}.yaml"] = task_yaml(
-                "_bioinstructqa_validation_template_yaml", task, {"corpus": name, "split": "validation"}
-            )
     return files
 
 

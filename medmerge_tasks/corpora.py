@@ -11,6 +11,7 @@ Everything else follows from these declarations: the loader (sources.py), the mi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,17 +38,26 @@ class Question:
 class Split:
     pattern: str  # glob of the split's files inside the repository (.parquet or .jsonl)
     published_as: str  # the file name as published, matching `pattern`: the fixtures write this file
+    held_out: int = 0  # > 0: no published split but this many questions of the files, fixed by hash (below)
+
+
+# A corpus that publishes no held-out split of its own gets one from its train split: the HELD_OUT questions
+# (a quarter, where the files hold fewer than 4 x HELD_OUT) whose sha256(salt, question, options) ranks first.
+# The choice depends on nothing but the questions' text, so it is the same on every machine and file order;
+# their task's shots come from the rest (sources.corpus_docs). Changing the salt changes the split (a new version).
+HELD_OUT = 500
+HELD_OUT_SALT = "medmerge-held-out-v1"
 
 
 @dataclass(frozen=True)
 class Corpus:
     """A multiple-choice corpus read from its own hub dataset, in BioMistral's prompt with shots that lm-eval
-    samples from the `fewshot` split. Tasks: medmerge_<name>_original on `test` and, where the corpus has one,
-    medmerge_<name>_validation on `validation` (held out, for tuning)."""
+    samples from the `fewshot` split. Tasks: medmerge_<name>_original on `test` and medmerge_<name>_validation on
+    `validation` (held out, for tuning: published, or `held_out` questions of the train split)."""
 
     name: str
     dataset: HubDataset
-    splits: dict[str, Split]  # "test" and "fewshot" always; "validation" where the corpus has one
+    splits: dict[str, Split]  # "test", "fewshot" and "validation"
     read: Callable[[dict[str, Any]], Question]
     write: Callable[[Question, str], dict[str, Any]]  # (question, split) -> a record in the published schema
 
@@ -88,6 +98,11 @@ TRUTHFULQA_HEALTH_CATEGORIES = ("Health", "Nutrition", "Psychology", "Science")
 def _parquet(path: str) -> Split:
     """A split published as one parquet shard, as the hub's converter names it."""
     return Split(f"{path}-*.parquet", f"{path}-00000-of-00001.parquet")
+
+
+def _held_out_of(train: Split) -> Split:
+    """The validation split of a corpus that publishes none: HELD_OUT questions of its train files."""
+    return dataclasses.replace(train, held_out=HELD_OUT)
 
 
 def _mmlu(subject: str) -> Corpus:
@@ -139,13 +154,15 @@ CORPORA: dict[str, Corpus] = {
     c.name: c
     for c in (
         *(_mmlu(subject) for subject in MMLU_SUBJECTS),
-        # GBaker/MedQA-USMLE-4-options: question, answer (text), options {A-D}, meta_info, answer_idx (letter)
+        # GBaker/MedQA-USMLE-4-options: question, answer (text), options {A-D}, meta_info, answer_idx (letter).
+        # Only train and test are published: validation is held out of train.
         Corpus(
             name="medqa_4options",
             dataset=MEDQA,
             splits={
                 "test": Split("*_test.jsonl", "phrases_no_exclude_test.jsonl"),
                 "fewshot": Split("*_train.jsonl", "phrases_no_exclude_train.jsonl"),
+                "validation": _held_out_of(Split("*_train.jsonl", "phrases_no_exclude_train.jsonl")),
             },
             read=lambda r: Question(
                 r["question"], tuple(r["options"][x] for x in "ABCD"), "ABCD".index(r["answer_idx"])
@@ -153,11 +170,15 @@ CORPORA: dict[str, Corpus] = {
             write=_medqa_write,
         ),
         # openlifescienceai/medmcqa: the labelled validation split is the test set everybody reports; shots from
-        # train. id, question, opa-opd, cop (0-3), ...
+        # train, and validation held out of train. id, question, opa-opd, cop (0-3), ...
         Corpus(
             name="medmcqa",
             dataset=MEDMCQA,
-            splits={"test": _parquet("data/validation"), "fewshot": _parquet("data/train")},
+            splits={
+                "test": _parquet("data/validation"),
+                "fewshot": _parquet("data/train"),
+                "validation": _held_out_of(_parquet("data/train")),
+            },
             read=lambda r: Question(
                 r["question"], (r["opa"], r["opb"], r["opc"], r["opd"]), int(r["cop"]), id=str(r["id"])
             ),

@@ -29,6 +29,7 @@ from medmerge_tasks.corpora import (
     BIOINSTRUCTQA_SHOT_SETS,
     CORPORA,
     DATASETS,
+    HELD_OUT_SALT,
     LETTERS,
     TRUTHFULQA,
     TRUTHFULQA_HEALTH_CATEGORIES,
@@ -157,22 +158,40 @@ def _block(record: dict[str, Any], context: str | None, answer: str) -> dict[str
 
 
 def corpus_questions(name: str, split: str) -> list[Question]:
-    """The questions of one split of a corpus, read from its published files."""
+    """The questions of one split of a corpus, read from its published files (a held-out split: its slice)."""
     corpus = CORPORA[name]
-    return [corpus.read(r) for r in split_rows(dataset_dir(corpus.dataset.repo), corpus.splits[split])]
+    files = corpus.splits[split]
+    questions = [corpus.read(r) for r in split_rows(dataset_dir(corpus.dataset.repo), files)]
+    return held_out(questions, files.held_out) if files.held_out else questions
+
+
+def held_out(questions: list[Question], size: int) -> list[Question]:
+    """The `size` questions (a quarter of them if there are fewer than 4 x `size`) whose
+    sha256(HELD_OUT_SALT, question, options) ranks first, in their file order (corpora.HELD_OUT)."""
+    size = min(size, len(questions) // 4)
+    rank = sorted(range(len(questions)), key=lambda i: (_held_out_key(questions[i]), i))
+    return [questions[i] for i in sorted(rank[:size])]
+
+
+def _held_out_key(q: Question) -> bytes:
+    return hashlib.sha256("\0".join((HELD_OUT_SALT, q.question, *q.options)).encode()).digest()
 
 
 def corpus_docs(name: str, split: str = "test") -> dict[str, list[dict[str, Any]]]:
     """{split: docs, "fewshot": docs} of a corpus, each doc one BioMistral question block; lm-eval samples the
-    shots from "fewshot"."""
+    shots from "fewshot" (for a split held out of train, from train less the held-out questions)."""
     from medmerge_tasks.prompts import render
 
     if name not in CORPORA or split == "fewshot" or split not in CORPORA[name].splits:
         raise ValueError(f"no split {split!r} of a corpus {name!r} to evaluate on")
+    questions = {role: corpus_questions(name, role) for role in (split, "fewshot")}
+    if CORPORA[name].splits[split].held_out:  # never a shot that is (a copy of) an evaluated question
+        evaluated = {(q.question, q.options) for q in questions[split]}
+        questions["fewshot"] = [q for q in questions["fewshot"] if (q.question, q.options) not in evaluated]
     out: dict[str, list[dict[str, Any]]] = {}
-    for role in (split, "fewshot"):
+    for role, role_questions in questions.items():
         out[role] = []
-        for q in corpus_questions(name, role):
+        for q in role_questions:
             letters = LETTERS[: len(q.options)]
             block = {"context": None, "question": q.question, "options": list(zip(letters, q.options)), "answer": ""}
             out[role].append(

@@ -1,13 +1,33 @@
-"""`medmerge demo` runs the whole loop offline and writes its report."""
+"""`medmerge demo` runs the whole loop offline and writes its report; `medmerge demo --search` searches the demo's
+merges from the hand-picked settings and reports the best beside them on test questions."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 
-from medmerge.demo import NOTE, PARENTS, demo_recipes, run_demo
+from medmerge.demo import (
+    NOTE,
+    PARENTS,
+    SEARCH_FITNESS,
+    SEARCH_TEST,
+    demo_recipes,
+    demo_searches,
+    run_demo,
+    run_search_demo,
+)
 from medmerge.experiment import run_experiment
+from medmerge.search.run import JOURNAL
+
+
+@pytest.fixture(scope="module")
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One demo directory for the module: the search demo reuses the demo's models, as `--search` after a demo does."""
+    return tmp_path_factory.mktemp("demo")
 
 
 @pytest.mark.slow
@@ -43,3 +63,34 @@ def test_demo_builds_merges_evaluates_and_reports(tmp_path, capsys) -> None:
     assert NOTE in text
     # the note is the experiment file's: running the demo's experiment again keeps it (and redoes nothing)
     assert run_experiment(tmp_path / "experiment.yaml", say=lambda _: None) == report and NOTE in report.read_text()
+
+
+@pytest.mark.slow
+def test_search_demo_starts_from_the_hand_picked_settings_and_reports_them_on_test(tmp_path, capsys) -> None:
+    """`medmerge demo --search` in the quick configuration (three trials per search, two documents per task)."""
+    import yaml
+
+    summary_path = run_search_demo(tmp_path, quick=True)
+    printed = capsys.readouterr().out
+    assert "building a tiny base model" not in printed  # the demo's models, reused
+    assert summary_path == tmp_path / "search" / "summary.md"
+    summary = summary_path.read_text()
+    for name, space in demo_searches(tmp_path, quick=True).items():
+        out = tmp_path / "search" / name
+        trials = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()[1:]]
+        assert len(trials) == 3 and space["search"]["fitness"] == [{"task": SEARCH_FITNESS, "metric": "acc"}]
+        assert all(value == 0.5 for value in trials[0]["point"].values())  # BioMistral's settings come first
+        start = trials[0]["fitness"]
+        best = max(t["fitness"] for t in trials)
+        board = (out / "final" / "report" / "leaderboard.md").read_text()
+        ranked = re.findall(r"^\| \d+ \| (\w+) \| \d+ \| ([\d.]+) ±", board, flags=re.M)  # rank, model, runs, acc
+        test = dict(ranked)
+        test.setdefault("start", test["best"])  # the start point was the best: one row
+        assert (
+            f"| {name} | {start:.3f} | {best:.3f} | {best - start:+.3f} | {test['start']} | {test['best']} | "
+            in summary
+        ), (summary, test)
+        assert SEARCH_TEST.removeprefix("medmerge_") in board
+        arms = ["best", *PARENTS] + (["start"] if best > start else [])
+        assert all(f"| {arm} | " in board for arm in arms), board
+        assert yaml.safe_load((out / "start.yaml").read_text())["merge_method"] == name

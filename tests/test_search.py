@@ -53,9 +53,11 @@ def write(path: Path, data: dict | str) -> Path:
 
 
 def journal(out: Path) -> list[dict]:
-    """The finished trials, in trial order, without their timings."""
+    """The finished trials, in trial order, without how long they took and how many tensors the worker re-merged
+    (both depend on what that worker ran before: a resumed worker starts from a fresh carrier)."""
     lines = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()[1:]]
-    return [{k: v for k, v in t.items() if "seconds" not in k} for t in sorted(lines, key=lambda t: t["trial"])]
+    work = ("seconds", "merge_seconds", "recomputed")
+    return [{k: v for k, v in t.items() if k not in work} for t in sorted(lines, key=lambda t: t["trial"])]
 
 
 # --- the search file ---------------------------------------------------------------------------------------
@@ -91,6 +93,17 @@ BAD = [
     (lambda s: s["search"].update(time_budget="soon"), ("search", "time_budget"), "not a positive duration"),
     (lambda s: s["search"].update(fitness=[]), ("search", "fitness"), "fitness"),
     (lambda s: s["search"]["lm_eval"].update(model="medmerge-hf"), ("search", "lm_eval", "model"), "hf model"),
+    (
+        lambda s: s["models"][0]["parameters"].update(density={"range": [0.2, 0.9], "start": 0.95}),
+        (*D0, "start"),
+        "start 0.95 is not a number in the range [0.2, 0.9]",
+    ),
+    (
+        lambda s: s["models"][0]["parameters"].update(weight={"choice": [0.3, 0.6], "start": 0.5}),
+        (*W0, "start"),
+        "start 0.5 is not one of the choices [0.3, 0.6]",
+    ),
+    (lambda s: s["models"][0]["parameters"].update(density={"range": [0.2, 0.9], "step": 0.1}), D0, "unknown key"),
 ]
 
 
@@ -205,10 +218,30 @@ def kill_after(trials: int):
 
 
 @pytest.mark.parametrize("optimizer", ["cma", "tpe"])
+def test_start_point_is_scored_first_and_centres_the_search(tiny, mirror, tmp_path, optimizer):
+    from medmerge.search.optimizers import make_optimizer
+
+    data = ties_space(tiny, mirror)
+    data["models"][0]["parameters"]["weight"] = {"range": [0.1, 1.0], "start": 0.5}
+    space = load_search(write(tmp_path / "s.yaml", data))
+    start = {"models[0].parameters.weight": 0.5, "models[0].parameters.density": 0.6}
+    assert space.start == pytest.approx(start | {"models[1].parameters.density": 0.6})  # the middle elsewhere
+    chosen = make_optimizer(optimizer, space.dimensions, 0, 0.25, 3, space.start)
+    assert chosen.ask() == [space.start]  # a round of its own
+    chosen.tell([space.start], [0.5])
+    assert len(chosen.ask()) == 3
+    if optimizer == "cma":  # the distribution's mean is the start point, on the unit cube
+        assert list(chosen.strategy.mean[:3]) == pytest.approx([0.4 / 0.9, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "tpe"])
 def test_a_resumed_search_is_the_uninterrupted_one(tiny, mirror, tmp_path, optimizer):
-    path = write(tmp_path / "s.yaml", ties_space(tiny, mirror, optimizer=optimizer, trials=7, batch=3))
+    data = ties_space(tiny, mirror, optimizer=optimizer, trials=7, batch=3)
+    data["models"][1]["parameters"]["density"]["start"] = 0.4
+    path = write(tmp_path / "s.yaml", data)
     whole = run_search(path, tmp_path / "whole", say=lambda _: None)
-    assert len(whole.trials) == 7
+    assert len(whole.trials) == 7 and whole.start is whole.trials[0]
+    assert whole.start.point["models[1].parameters.density"] == 0.4
     with pytest.raises(Killed):
         run_search(path, tmp_path / "resumed", say=kill_after(4))
     assert len(journal(tmp_path / "resumed")) == 4
@@ -252,6 +285,7 @@ def test_ray_workers_give_the_serial_search(tiny, mirror, tmp_path):
 
 def test_best_recipe_merged_and_reported_on_test_tasks(tiny, mirror, tmp_path):
     data = ties_space(tiny, mirror, trials=2, test_tasks=["medmerge_mmlu_anatomy"])
+    data["models"][0]["parameters"]["weight"]["start"] = 0.1
     outcome = run_search(
         write(tmp_path / "s.yaml", data), tmp_path / "out", merge_best=tmp_path / "best", say=lambda _: None
     )
@@ -260,9 +294,12 @@ def test_best_recipe_merged_and_reported_on_test_tasks(tiny, mirror, tmp_path):
     assert all(torch.equal(merged[n], t) for n, t in load_weights(tmp_path / "again").items())
     assert outcome.report is not None
     board = outcome.report.read_text()
-    for arm in ("best", "base", "ft1", "ft2"):
-        assert f"| {arm} " in board or f"{arm}" in board
-    assert (tmp_path / "out" / "final" / "results" / "best").is_dir()
+    arms = ("base", "ft1", "ft2", "best") + (("start",) if outcome.best is not outcome.start else ())
+    for arm in arms:
+        assert f"| {arm} " in board, (arm, board)
+        assert (tmp_path / "out" / "final" / "results" / arm).is_dir()
+    start = yaml.safe_load((tmp_path / "out" / "start.yaml").read_text())
+    assert start["models"][0]["parameters"]["weight"] == 0.1 == outcome.trials[0].point["models[0].parameters.weight"]
     with pytest.raises(UserError, match="exists and is not an empty directory"):  # before the search, not after
         run_search(tmp_path / "s.yaml", tmp_path / "out2", merge_best=tmp_path / "best", say=lambda _: None)
     assert not (tmp_path / "out2").exists()

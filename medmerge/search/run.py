@@ -7,8 +7,8 @@ replays it through the seeded optimiser, which asks the same points, and carries
 fixed seed and trial budget the result is the one an uninterrupted search gives. Workers may die and be
 replaced; only the driver writes the journal.
 At the end: OUT_DIR/best.yaml (an ordinary recipe), fitness.png / parameters.png, and with `test_tasks` the best
-recipe merged and evaluated on the test tasks beside its parents (OUT_DIR/final/report/), numbers the search
-never saw.
+recipe merged and evaluated on the test tasks beside its parents (and the hand-picked start point, if the file
+gives one) in OUT_DIR/final/report/: numbers the search never saw.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Trial:
 @dataclass
 class SearchOutcome:
     best: Trial
+    start: Trial | None  # the hand-picked start point's trial (the first), if the search file gives one
     trials: list[Trial]
     best_recipe: Path
     report: Path | None  # the final test report's leaderboard.md
@@ -185,7 +186,9 @@ def run_search(
     journal = Journal(out / JOURNAL, hashlib.sha256(space.text.encode()).hexdigest(), restart)
     if journal.trials:
         say(f"resuming: {len(journal.trials)} trial(s) in {journal.path}")
-    optimizer = make_optimizer(settings.optimizer, space.dimensions, settings.seed, settings.sigma, settings.batch)
+    optimizer = make_optimizer(
+        settings.optimizer, space.dimensions, settings.seed, settings.sigma, settings.batch, space.start
+    )
     pool: SerialPool | RayPool | None = None
     started = time.monotonic()
     spent = sum(t.seconds for t in journal.trials.values())  # earlier runs' trials count against a time budget
@@ -225,11 +228,15 @@ def run_search(
     if not trials:
         raise UserError("the budget ended before the first trial finished", file=space.file)
     best = max(trials, key=lambda t: (t.fitness, -t.trial))
-    best_recipe = _write_best(space, best, trials, out)
+    start = trials[0] if space.start is not None and trials[0].trial == 0 else None
+    best_recipe = _write_best(space, best, start, trials, out)
     from medmerge.search.plots import plot_trials
 
     plot_trials(trials, space, out)
-    say(f"best: trial {best.trial + 1}, fitness {best.fitness:.4f}; recipe {best_recipe}")
+    if start is not None:
+        say(f"start point (trial 1): fitness {start.fitness:.4f}")
+    gain = f" ({best.fitness - start.fitness:+.4f} over the start point)" if start is not None else ""
+    say(f"best: trial {best.trial + 1}, fitness {best.fitness:.4f}{gain}; recipe {best_recipe}")
     if best_dir is not None:
         run_merge(
             space.recipe(best.point),
@@ -239,8 +246,8 @@ def run_search(
             warn=say,
         )
         say(f"merged the best recipe into {best_dir}")
-    report = _final_evaluation(space, best, best_recipe, out, data_dir, say) if settings.test_tasks else None
-    return SearchOutcome(best, trials, best_recipe, report)
+    report = _final_evaluation(space, best, start, best_recipe, out, data_dir, say) if settings.test_tasks else None
+    return SearchOutcome(best, start, trials, best_recipe, report)
 
 
 def _start_pool(
@@ -271,14 +278,24 @@ def _show(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _write_best(space: SearchSpace, best: Trial, trials: list[Trial], out: Path) -> Path:
-    """OUT/best.yaml: the best point as an ordinary recipe, its header saying how it was found."""
+def _write_best(space: SearchSpace, best: Trial, start: Trial | None, trials: list[Trial], out: Path) -> Path:
+    """OUT/best.yaml: the best point as an ordinary recipe, its header saying how it was found (and OUT/start.yaml,
+    the start point's recipe, when the search file gives one)."""
     settings = space.settings
     fitness = " + ".join(f"{t.weight:g} x {t.task} {t.metric}" for t in settings.fitness)
+    if start is not None:
+        _write_atomic(
+            out / "start.yaml",
+            space.recipe_text(
+                start.point,
+                f"the start point of {space.file}: "
+                f"fitness {start.fitness:.6g} (held-out tasks; scores {json.dumps(start.scores)})",
+            ),
+        )
     header = "\n".join(
         [
             f"found by `medmerge search {space.file}`: trial {best.trial + 1} of {len(trials)}, "
-            f"fitness {best.fitness:.6g}",
+            f"fitness {best.fitness:.6g}" + (f" (start point: {start.fitness:.6g})" if start is not None else ""),
             f"fitness: {fitness} (held-out tasks; scores {json.dumps(best.scores)})",
             f"optimizer: {settings.optimizer}, seed {settings.seed}; budget: "
             + (f"{settings.trials} trials" if settings.trials else "")
@@ -287,18 +304,22 @@ def _write_best(space: SearchSpace, best: Trial, trials: list[Trial], out: Path)
             + "; ".join(f"{d.name} in {list(d.choices) if d.choices else [d.low, d.high]}" for d in space.dimensions),
         ]
     )
-    path = out / "best.yaml"
-    staging = path.with_name(".best.yaml.tmp")
-    staging.write_text(space.recipe_text(best.point, header))
+    return _write_atomic(out / "best.yaml", space.recipe_text(best.point, header))
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
     staging.replace(path)
     return path
 
 
 def _final_evaluation(
-    space: SearchSpace, best: Trial, best_recipe: Path, out: Path, data_dir: str | None, say: Say
+    space: SearchSpace, best: Trial, start: Trial | None, best_recipe: Path, out: Path, data_dir: str | None, say: Say
 ) -> Path:
-    """The best recipe merged and evaluated on the test tasks beside its parents, as an ordinary `medmerge run`
-    experiment in OUT/final (resumable; paired tests in its report)."""
+    """The best recipe merged and evaluated on the test tasks beside its parents (and the start point's recipe,
+    unless it is the best), as an ordinary `medmerge run` experiment in OUT/final (resumable; paired tests in its
+    report)."""
     from medmerge.experiment import run_experiment
 
     settings = space.settings
@@ -312,12 +333,14 @@ def _final_evaluation(
     final.mkdir(exist_ok=True)
     experiment = {
         "work_dir": ".",
-        "recipes": [str(best_recipe.resolve())],
+        "recipes": [str(best_recipe.resolve())]
+        + ([str((out / "start.yaml").resolve())] if start is not None and start is not best else []),
         "models": parents,
         "tasks": settings.test_tasks,
         "data_dir": data_dir,
         "fewshot_sets": [settings.fewshot_set],
-        "note": f"The best recipe of `medmerge search {space.file}` (chosen on held-out tasks) against its parents.",
+        "note": f"The best recipe of `medmerge search {space.file}` (chosen on held-out tasks) against its parents"
+        + (" and the search's start point (`start`, the hand-picked settings)." if start is not None else "."),
         "merge": settings.merge.model_dump(),
         "lm_eval": settings.lm_eval.model_dump(),
     }

@@ -14,7 +14,9 @@
 
 `{range: [low, high]}` (a real number) and `{choice: [a, b, ...]}` (one of the values) may stand wherever a
 parameter value goes (global, per slice, per model, per filter, gradient entries) and `choice` also for
-`merge_method`. Everything else is an ordinary recipe; a point of the space is checked exactly as a recipe file.
+`merge_method`. Either may carry `start: value` (the hand-picked setting): the search then scores that point
+first and starts from it, so its result is measured against it. Everything else is an ordinary recipe; a point
+of the space is checked exactly as a recipe file.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Dimension:
     low: float = 0.0
     high: float = 0.0
     choices: tuple[Value, ...] = ()
+    start: Value = None  # the hand-picked value the search starts from (None: the middle)
 
     @property
     def name(self) -> str:
@@ -86,6 +89,16 @@ class Dimension:
         if self.choices:
             return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
         return self.low + u * (self.high - self.low)
+
+    def to_unit(self, value: Value) -> float:
+        """Where `value` lies in [0, 1]: from_unit's inverse (a choice: the middle of its slice)."""
+        if self.choices:
+            return (self.choices.index(value) + 0.5) / len(self.choices)
+        assert isinstance(value, int | float)
+        return (float(value) - self.low) / (self.high - self.low)
+
+    def starting_value(self) -> Value:
+        return self.from_unit(0.5) if self.start is None else self.start
 
     def corners(self) -> list[Value]:
         """The values a whole range is checked at: both ends, or every choice."""
@@ -100,6 +113,13 @@ class SearchSpace:
     lines: dict[Path_, int]
     dimensions: list[Dimension]
     settings: SearchSettings
+
+    @property
+    def start(self) -> Point | None:
+        """The hand-picked point (every `start:` given, the middle elsewhere), or None if no range gives one."""
+        if all(d.start is None for d in self.dimensions):
+            return None
+        return {d.name: d.starting_value() for d in self.dimensions}
 
     def recipe_data(self, point: Point) -> dict[str, Any]:
         data = copy.deepcopy(self.data)
@@ -149,12 +169,12 @@ def load_search(path: str | Path) -> SearchSpace:
             file=path,
         )
     space = SearchSpace(path, text, recipe_part, lines, dimensions, settings)
-    middle = {d.name: d.from_unit(0.5) for d in dimensions}
-    space.recipe(middle)  # the space as a whole, once; then every end of every range
+    first = space.start or {d.name: d.from_unit(0.5) for d in dimensions}
+    space.recipe(first)  # the space as a whole, once; then every end of every range
     for dim in dimensions:
         for value in dim.corners():
             try:
-                space.recipe(middle | {dim.name: value})
+                space.recipe(first | {dim.name: value})
             except UserError as error:
                 for problem in error.problems:
                     problem.message += f" (with {dim.name} = {value}, an end of its searched range)"
@@ -186,7 +206,7 @@ def _where(file: Path, lines: dict[Path_, int], *path: str | int) -> dict[str, A
 
 
 def _is_searched(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("range", "choice")
+    return isinstance(value, dict) and len(value.keys() & {"range", "choice"}) == 1
 
 
 def _searched(value: Any, path: Path_) -> Iterator[tuple[Path_, Any]]:
@@ -205,13 +225,22 @@ def _dimension(node: dict[str, Any], path: Path_, file: Path, lines: dict[Path_,
     where = _where(file, lines, *path)
     if path != ("merge_method",) and "parameters" not in path:
         raise UserError("only parameter values (and merge_method, as a choice) can be searched", **where)
-    kind, spec = next(iter(node.items()))
+    kind = "choice" if "choice" in node else "range"
+    unknown = sorted(set(node) - {kind, "start"}, key=str)
+    if unknown:
+        raise UserError(f"unknown key '{unknown[0]}' beside {kind} (a searched value takes {kind} and start)", **where)
+    spec, start = node[kind], node.get("start")
+    start_where = _where(file, lines, *path, "start") if "start" in node else where
+    if "start" in node and start is None:
+        raise UserError("start needs a value (or leave it out: the search starts in the middle)", **start_where)
     if kind == "choice":
         if not isinstance(spec, list) or len(spec) < 2 or any(isinstance(v, dict | list) for v in spec):
             raise UserError("choice takes a list of at least two plain values", **where)
         if len(set(map(repr, spec))) < len(spec):
             raise UserError("choice lists a value twice", **where)
-        return Dimension(path, choices=tuple(spec))
+        if start is not None and start not in spec:
+            raise UserError(f"start {start!r} is not one of the choices {spec}", **start_where)
+        return Dimension(path, choices=tuple(spec), start=start)
     if path == ("merge_method",):
         raise UserError("merge_method is searched as {choice: [method, ...]}, not a range", **where)
     numbers = spec if isinstance(spec, list) and len(spec) == 2 and all(_is_number(v) for v in spec) else None
@@ -220,7 +249,9 @@ def _dimension(node: dict[str, Any], path: Path_, file: Path, lines: dict[Path_,
     low, high = (float(v) for v in numbers)
     if not low < high:
         raise UserError(f"range [{low:g}, {high:g}]: low must be below high", **where)
-    return Dimension(path, low=low, high=high)
+    if start is not None and not (_is_number(start) and low <= start <= high):
+        raise UserError(f"start {start!r} is not a number in the range [{low:g}, {high:g}]", **start_where)
+    return Dimension(path, low=low, high=high, start=None if start is None else float(start))
 
 
 def _is_number(value: Any) -> bool:

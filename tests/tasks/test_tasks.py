@@ -16,6 +16,7 @@ from medmerge_tasks.corpora import BIOINSTRUCTQA_CORPORA, CORPORA, TRUTHFULQA_HE
 from tests.conftest import our_tasks
 
 BIO_TASKS = [f"medmerge_{suffix}" for suffix, _ in BIOINSTRUCTQA_CORPORA.values()]
+PINNED_HELD_OUT = [0, 3, 7, 8, 13, 17, 20, 21, 28, 32]  # sources.held_out of the 40 questions in its test
 SHARED_TRUTHFULQA = Path(__file__).resolve().parents[3] / "shared" / "data" / "TruthfulQA.csv"
 
 
@@ -327,7 +328,7 @@ def test_every_corpus_split_is_published_inside_what_a_download_fetches_and_read
     from fnmatch import fnmatch
 
     for corpus in CORPORA.values():
-        assert {"test", "fewshot"} <= set(corpus.splits), corpus.name
+        assert set(corpus.splits) == {"test", "fewshot", "validation"}, corpus.name
         for split, files in corpus.splits.items():
             assert fnmatch(files.published_as, files.pattern), (corpus.name, split)
             assert any(fnmatch(files.published_as, p) for p in corpus.dataset.files), (corpus.name, split)
@@ -344,6 +345,40 @@ def test_validation_tasks_read_the_validation_split_and_never_the_test_split() -
     assert shown == [q.question for q in fixtures.corpus_questions(anatomy, "validation")]
     with pytest.raises(ValueError, match="no split 'fewshot'"):
         sources.corpus_docs("mmlu_anatomy", "fewshot")
+
+
+@pytest.mark.parametrize("corpus", ["medqa_4options", "medmcqa"])
+def test_held_out_validation_is_a_slice_of_train_and_never_its_own_shot(corpus: str) -> None:
+    """MedQA and MedMCQA publish no usable validation split: theirs is held out of train, and the task's shots
+    come from the rest of train only."""
+    train = fixtures.corpus_questions(CORPORA[corpus], "fewshot")
+    task_name = f"medmerge_{corpus}_validation"
+    task = our_tasks().load([task_name])["tasks"][task_name]
+    assert not task.has_test_docs() and task.has_validation_docs()
+    shown = [_question(task.doc_to_text(doc)) for doc in task.validation_docs()]
+    held = [q.question for q in sources.held_out(train, 500)]
+    assert shown == held and len(held) == len(train) // 4 == fixtures.FIXTURE_ROWS["validation"]
+    shots = {_question(doc["text"]) for doc in task.fewshot_docs()}
+    assert shots == {q.question for q in train} - set(held)
+    for doc in task.validation_docs():  # lm-eval's own sampler, three shots: none of them held out
+        context = task.fewshot_context(doc, 3)
+        assert [q.split(" \n ", 1)[0] for q in context.split("**Question:** ")[1:-1]] != []
+        assert not {q.split(" \n ", 1)[0] for q in context.split("**Question:** ")[1:-1]} & set(held)
+    test = our_tasks().load([f"medmerge_{corpus}_original"])["tasks"][f"medmerge_{corpus}_original"]
+    assert len(test.fewshot_docs()) == len(train)  # the test task still draws its shots from all of train
+
+
+def test_held_out_questions_are_fixed_by_their_text_whatever_the_file_order() -> None:
+    from medmerge_tasks.corpora import Question
+
+    questions = [Question(f"Which organ is meant by clue {i}?", ("liver", f"organ {i}"), i % 2) for i in range(40)]
+    chosen = sources.held_out(questions, 500)
+    assert len(chosen) == 10  # a quarter where there are fewer than 4 x 500
+    assert [questions.index(q) for q in chosen] == sorted(questions.index(q) for q in chosen)  # file order
+    assert set(sources.held_out(questions[::-1], 500)) == set(chosen)
+    assert len(sources.held_out(questions * 100, 500)) == 500  # 4000 questions: the full 500
+    # pinned: a change of salt or hashing changes every validation split, and must be a new task version
+    assert [questions.index(q) for q in chosen] == PINNED_HELD_OUT
 
 
 def test_original_corpora_get_lm_eval_shots_in_biomistral_format() -> None:
