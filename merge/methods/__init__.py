@@ -27,6 +27,7 @@ from merge.methods.sce import sce
 from merge.methods.slerp import slerp
 from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
+    consensus_mask,
     magnitude_prune,
     merge_task_vectors,
     outlier_prune,
@@ -188,12 +189,17 @@ def _passthrough(c: MergeCall) -> torch.Tensor:
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"] | None
 
 
-def _task_vectors(sparsification: Sparsification, consensus: bool, c: MergeCall) -> torch.Tensor:
-    """θ_base + λ · combine(w_i · sparsify(τ_i)), see merge/methods/task_vectors.py. bfloat16 on the CPU with no
-    sparsification, TIES's or DARE's runs fused (merge/methods/fused_bf16.py), to the same bits."""
+def _task_vectors(sparsification: Sparsification, consensus: bool, tall: bool, c: MergeCall) -> torch.Tensor:
+    """θ_base + λ · combine(w_i · sparsify(τ_i) [⊙ m_consensus]), see merge/methods/task_vectors.py. bfloat16 on
+    the CPU with no sparsification, TIES's or DARE's runs fused (merge/methods/fused_bf16.py), to the same bits."""
     from merge.methods import fused_bf16  # numba: imported when a task-vector merge runs, not on every command
 
     base, others, per_model = c.base_and_others()
+    mask = None
+    if tall:  # the TALL masks' consensus, from the unpruned task vectors (the mask is elementwise: applying it
+        # to each pruned τ̂_i before combining gives the masked merge, sign election included)
+        lambdas = [p["tall_lambda"] for p in per_model]
+        mask = consensus_mask([x - base for x in others], lambdas, c.params["k"]).to(base.dtype)
     densities = [p["density"] for p in per_model]
     weights = [p["weight"] for p in per_model]
     rescale = None
@@ -203,7 +209,7 @@ def _task_vectors(sparsification: Sparsification, consensus: bool, c: MergeCall)
     keys = []
     if sparsification == "random":
         keys = [int(k) for k in c.rng.integers(2**64, size=len(others), dtype=np.uint64)]
-    if sparsification in (None, "magnitude", "random") and fused_bf16.applies(base, others):
+    if mask is None and sparsification in (None, "magnitude", "random") and fused_bf16.applies(base, others):
         return fused_bf16.fused_task_vectors(
             base,
             others,
@@ -237,11 +243,15 @@ def _task_vectors(sparsification: Sparsification, consensus: bool, c: MergeCall)
             pruned = delta if uniform[i] is None else rank_random_prune(delta, p["density"], p["epsilon"], uniform[i])
         return rescale_l1(delta, pruned) if rescale == "l1" and pruned is not delta else pruned
 
+    def prune(delta: torch.Tensor, i: int) -> torch.Tensor:
+        pruned = sparsify(delta, i) if sparsification else delta
+        return pruned if mask is None else pruned * mask.reshape(pruned.shape)
+
     return merge_task_vectors(
         base,
         others,
         weights,
-        prune=sparsify if sparsification else None,
+        prune=prune if sparsification or mask is not None else None,
         sign_consensus=consensus,
         normalize=c.params["normalize"],
         lambda_=c.params["lambda"],
@@ -259,6 +269,34 @@ def _della_epsilon(shared: dict[str, Any], per_model: list[dict[str, Any]]) -> s
                 f"density {p['density']:g} ± epsilon {p['epsilon']:g} must lie inside (0, 1): "
                 "the keep probabilities run from density − epsilon to density + epsilon"
             )
+    return normalizable(shared, per_model)
+
+
+TALL_PARAMS = (
+    Param(
+        "k",
+        int,
+        2,
+        doc="consensus: keep an entry where at least k models' TALL masks hold it (2 drops entries only one model "
+        "or none needs; 0 keeps all)",
+        bounds=Bounds(0, 1e9),
+    ),
+    Param(
+        "tall_lambda",
+        float,
+        0.4,
+        per_model=True,
+        doc="TALL mask threshold λ_t: |τ_t| ≥ λ_t·|τ_MTL − τ_t| (the middle of the paper's grid 0.2-0.6; tune it "
+        "on validation). `lambda` stays the merged vector's scale",
+        bounds=Bounds(0, 1e30),
+    ),
+)
+
+
+def _tall_k(shared: dict[str, Any], per_model: list[dict[str, Any]]) -> str | None:
+    models = sum("tall_lambda" in p for p in per_model)  # the base takes no per-model TALL parameter
+    if shared["k"] > models:
+        return f"k = {shared['k']} exceeds the {models} models merged into the base: no entry could be kept"
     return normalizable(shared, per_model)
 
 
@@ -310,24 +348,27 @@ def task_vector_method(
     consensus: bool,
     normalize: bool = False,
     rescale: bool = False,
+    tall: bool = False,
 ) -> Method:
-    """One member of the task-vector family: a sparsification, with or without TIES's sign consensus, and the
-    defaults of `normalize` and `rescale` its paper (and mergekit) use."""
+    """One member of the task-vector family: a sparsification, with or without TIES's sign consensus, with or
+    without the TALL masks' consensus (`k`, `tall_lambda`), and the defaults of `normalize` and `rescale` its
+    paper (and mergekit) use."""
     return Method(
         name,
         summary,
-        partial(_task_vectors, sparsification, consensus),
-        _task_vector_params(sparsification, normalize, rescale),
+        partial(_task_vectors, sparsification, consensus, tall),
+        _task_vector_params(sparsification, normalize, rescale) + (TALL_PARAMS if tall else ()),
         paper=paper,
         base="required",
         random=sparsification in ("random", "della"),
-        check=_della_epsilon if sparsification == "della" else normalizable,
+        check=_della_epsilon if sparsification == "della" else _tall_k if tall else normalizable,
     )
 
 
 DARE = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
 DELLA = "https://arxiv.org/abs/2406.11617"
+CONSENSUS = "https://arxiv.org/abs/2405.07813"
 TASK_VECTOR_METHODS = (
     task_vector_method(
         "task_arithmetic", "base + weighted sum of task vectors", "https://arxiv.org/abs/2212.04089", None, False
@@ -367,6 +408,23 @@ TASK_VECTOR_METHODS = (
     ),
     task_vector_method(
         "della_linear", "DELLA's drop and rescale, then a weighted sum", DELLA, "della", False, rescale=True
+    ),
+    task_vector_method(
+        "consensus_ta",
+        "consensus merging: task arithmetic kept where at least k models' TALL masks agree",
+        CONSENSUS,
+        None,
+        False,
+        tall=True,
+    ),
+    task_vector_method(
+        "consensus_ties",
+        "consensus merging: TIES kept where at least k models' TALL masks agree",
+        CONSENSUS,
+        "magnitude",
+        True,
+        normalize=True,
+        tall=True,
     ),
 )
 

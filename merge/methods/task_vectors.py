@@ -1,10 +1,11 @@
-"""The task-vector family — task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA — as one pipeline on deltas
-from a base model, the way the papers build on each other:
+"""The task-vector family — task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA, consensus merging — as one
+pipeline on deltas from a base model, the way the papers build on each other:
 
     τ_i = θ_i − θ_base                                   task vector of model i
     τ̂_i = sparsify(τ_i)                                  none | magnitude (TIES) | random (DARE)
                                                           | magnitude outliers (Breadcrumbs) | rank-random (DELLA)
           (· ‖τ_i‖₁ / ‖τ̂_i‖₁ if rescale)
+          (⊙ m_consensus for the consensus methods: TALL masks of the τ_i, `consensus_mask`)
     θ  = θ_base + λ · combine(w_1 τ̂_1, ..., w_n τ̂_n)     sum, or TIES's sign-elected disjoint sum (mean if normalize)
 
 Each method is one choice of (sparsification, sign consensus, defaults): see `TASK_VECTOR_METHODS` in
@@ -153,6 +154,28 @@ def _l1_norm(x: torch.Tensor) -> float:
     if flat.element_size() == 2:
         return exact_sum(_magnitude_counts(flat), x.dtype)
     return sum(float(flat[block].abs().sum(dtype=torch.float64)) for block in _blocks(flat.numel()))
+
+
+def consensus_mask(deltas: Sequence[torch.Tensor], lambdas: Sequence[float], k: int) -> torch.Tensor:
+    """TALL masks and their consensus (Wang et al., ICML 2024, "Localizing Task Information for Improved Model
+    Merging and Compression", arXiv:2405.07813). With τ_MTL = Σ_t τ_t, the multi-task vector:
+
+        m_t = 1{ |τ_t| ≥ λ_t · |τ_MTL − τ_t| }          task t's mask: where τ_t dominates the other tasks' sum
+        m_consensus = 1{ Σ_t m_t ≥ k }                   kept where at least k tasks need the entry
+
+    k = 2 drops the paper's "selfish" (one task) and "catastrophic" (no task) entries; k = 0 keeps every entry.
+    τ_MTL − τ_t is summed over the other tasks directly (no cancellation), in float32 (float64 stays float64).
+    Returns a boolean mask of the deltas' shape."""
+    wide = torch.promote_types(deltas[0].dtype, torch.float32)
+    flat = [d.reshape(-1) for d in deltas]
+    count = torch.zeros(flat[0].numel(), dtype=torch.int32, device=flat[0].device)
+    for start in range(0, flat[0].numel(), BLOCK):
+        block = slice(start, start + BLOCK)
+        tau = [d[block].to(wide) for d in flat]
+        total = _sum(tau, wide)
+        for t, lambda_t in zip(tau, lambdas):
+            count[block] += (t.abs() >= (total - t).abs() * lambda_t).to(torch.int32)
+    return (count >= k).reshape(deltas[0].shape)
 
 
 def merge_task_vectors(

@@ -22,6 +22,7 @@ from merge.methods.slerp import slerp
 from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
     _magnitude_counts,
+    consensus_mask,
     exact_sum,
     magnitude_prune,
     merge_task_vectors,
@@ -433,3 +434,53 @@ def test_arcee_fusion_quartiles_are_the_sorted_entries_at_floor_ranks(dtype: tor
         expected = [torch.sort(x.double()).values[r].item() for r in ranks]
         got = _lower_quartiles(x)
         assert [q.item() for q in got] == expected and all(q.dtype == dtype for q in got)
+
+
+# --- consensus merging (TALL masks), Wang et al. 2024 ------------------------------------------------------
+
+
+def test_tall_masks_and_their_consensus_hand_computed() -> None:
+    t1, t2 = torch.tensor([1.0, 0.1, 0.0, 2.0]), torch.tensor([1.0, 0.0, 0.5, -2.0])
+    # m_1 = |τ_1| ≥ 0.4|τ_2| = [T, T, F, T];  m_2 = |τ_2| ≥ 0.4|τ_1| = [T, F, T, T];  counts [2, 1, 1, 2]
+    assert consensus_mask([t1, t2], [0.4, 0.4], 2).tolist() == [True, False, False, True]
+    assert consensus_mask([t1, t2], [0.4, 0.4], 1).all()
+    # λ_1 = 2: m_1 = |τ_1| ≥ 2|τ_2| = [F, T, F, F]; counts [1, 1, 1, 1]
+    assert consensus_mask([t1, t2], [2.0, 0.4], 2).tolist() == [False] * 4
+    assert consensus_mask([t1, t2], [2.0, 0.4], 1).tolist() == [True] * 4
+    base = torch.zeros(4)
+    # consensus_ta, k = 2: task arithmetic's τ_1 + τ_2 = [2, 0.1, 0.5, 0] where both masks hold
+    assert merged("consensus_ta", base, [t1, t2], [1.0, 1.0]).tolist() == [2.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_consensus_that_keeps_everything_is_the_plain_merge_bit_for_bit(dtype: torch.dtype) -> None:
+    """k = 0, or λ = 0 (every TALL mask holds every entry) with k up to the number of models, masks nothing:
+    consensus_ta is task arithmetic and consensus_ties is TIES, to the bit (bfloat16 TIES runs fused)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(96, 33, generator=g).to(dtype)
+    others = [base + 0.1 * torch.randn(96, 33, generator=g).to(dtype) for _ in range(3)]
+    weights, densities = [0.5, 1.0, 0.7], [0.5, 0.3, 0.8]
+    for plain, consensus in (("task_arithmetic", "consensus_ta"), ("ties", "consensus_ties")):
+        expected = merged(plain, base, others, weights, densities)
+        assert torch.equal(merged(consensus, base, others, weights, densities, k=0), expected)
+        spec = METHODS[consensus]
+        zero = [{"weight": w, "density": d, "tall_lambda": 0.0} for w, d in zip(weights, densities)]
+        defaults = {p.name: p.default for p in spec.params if not p.per_model}
+        everything = spec.apply(MergeCall([base, *others], 0, defaults | {"k": 3}, [{}, *zero]))
+        assert torch.equal(everything, expected)
+        assert not torch.equal(merged(consensus, base, others, weights, densities), expected)  # k = 2 drops some
+
+
+def test_consensus_masks_where_few_models_agree_and_refuses_an_impossible_k() -> None:
+    base = torch.zeros(2000)
+    g = torch.Generator().manual_seed(1)
+    others = [torch.randn(2000, generator=g) for _ in range(3)]
+    deltas = others  # base 0
+    mask = consensus_mask(deltas, [0.4] * 3, 2)
+    out = merged("consensus_ta", base, others, [1.0] * 3)
+    total = sum(deltas)
+    assert torch.equal(out, torch.where(mask, total, torch.zeros(()))) and 0 < int(mask.sum()) < 2000
+    check = METHODS["consensus_ta"].check
+    per_model = [{}, *[{"weight": 1.0, "tall_lambda": 0.4}] * 2]  # the base first, as the plan passes them
+    assert check({"k": 2, "normalize": False}, per_model) is None
+    assert "k = 3 exceeds the 2 models" in check({"k": 3, "normalize": False}, per_model)

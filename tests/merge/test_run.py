@@ -356,6 +356,8 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny, write_recipe, tmp_pat
         ("ram", {"parameters": {"epsilon": 0.05}}),
         ("ramplus_tl", {"parameters": {"epsilon": 0.05, "r": 0.5}}),
         ("arcee_fusion", {}),
+        ("consensus_ta", {"parameters": {"k": 1}}),
+        ("consensus_ties", {}),
     ],
 )
 def test_new_methods_merge_three_models_into_a_loadable_model(tiny, write_recipe, tmp_path, method, extra) -> None:
