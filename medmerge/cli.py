@@ -164,10 +164,15 @@ def _print_report(leaderboard: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     with interrupts_held():
-        from medmerge.demo import run_demo, run_search_demo
+        from medmerge.demo import run_demo, run_methods_demo, run_search_demo
 
     if args.search:
         run_search_demo(Path(args.dir))
+        return 0
+    if args.methods:
+        from medmerge.demo import chosen_methods
+
+        run_methods_demo(Path(args.dir), chosen_methods(args.methods))
         return 0
     leaderboard = run_demo(Path(args.dir), verbose=args.verbose)
     _print_report(leaderboard)
@@ -381,12 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir", nargs="?", default="medmerge-demo", help="work directory (default: ./medmerge-demo)")
     demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    demo.add_argument(
+    mode = demo.add_mutually_exclusive_group()
+    mode.add_argument(
         "--search",
         action="store_true",
         help="instead: search SLERP's t and TIES's weight/density on held-out fixture questions from the hand-picked "
         "settings (medmerge search, CMA-ES), then report the best and the hand-picked recipe beside the parents on "
         "test questions (DIR/search/summary.md)",
+    )
+    mode.add_argument(
+        "--methods",
+        metavar="all|NAME,...",
+        help="instead: merge the two parents with every merge method (or those named) at its defaults, evaluate "
+        "each on BioInstructQA and write one comparison table (DIR/methods/summary.md)",
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -301,3 +301,148 @@ def _test_acc(leaderboard: Path) -> dict[str, float]:
     with (leaderboard.parent / "leaderboard.csv").open(newline="") as file:
         column = f"{SEARCH_TEST.removeprefix('medmerge_')} acc"
         return {row["model"]: float(row[column]) for row in csv.DictReader(file)}
+
+
+# --- `medmerge demo --methods all` ---------------------------------------------------------------------------
+
+# each parent's specialty: the BioInstructQA tasks of the corpora it was trained on
+SPECIALTIES = {parent: [BIOINSTRUCTQA_CORPORA[corpus][0] for corpus in corpora] for parent, corpora in PARENTS.items()}
+
+
+def comparable_methods() -> list[str]:
+    """Every merge method but passthrough, which copies one model."""
+    from merge.methods import METHODS
+
+    return [name for name in METHODS if name != "passthrough"]
+
+
+def chosen_methods(spec: str) -> list[str]:
+    """`all`, or a comma-separated list of method names (unknown ones refused, with a suggestion)."""
+    from medmerge_common.errors import UserError, did_you_mean
+
+    known = comparable_methods()
+    if spec == "all":
+        return known
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    for name in names:
+        if name not in known:
+            raise UserError(f"--methods: no merge method '{name}' to compare{did_you_mean(name, known)}")
+    if not names:
+        raise UserError("--methods: give 'all' or method names separated by commas")
+    return names
+
+
+def method_recipes(work: Path, methods: list[str] | None = None) -> dict[str, dict]:
+    """The demo's two parents merged by each method (default: every one but passthrough), at its declared defaults
+    (0.5 where a method requires a value: weight, t). Methods of a base and one other model (slerp, nearswap,
+    arcee_fusion) go from parent_mmlu to parent_medqa, as the demo's slerp does; methods relative to a base get
+    the demo's base model; the others merge the two parents alone."""
+    from merge.methods import METHODS, REQUIRED
+
+    base, a, b = (str(work / "models" / n) for n in ("base", *PARENTS))
+    recipes = {}
+    for name in methods or comparable_methods():
+        method = METHODS[name]
+        required = {p.name: 0.5 for p in method.params if p.default is REQUIRED}
+        shared = {k: v for k, v in required.items() if not method.param(k).per_model}
+        own = {k: v for k, v in required.items() if method.param(k).per_model}
+        recipe: dict = {"merge_method": name, "dtype": "float32"}
+        if method.max_models == 1:
+            recipe["base_model"], models = a, [b]
+        else:
+            models = [a, b]
+            if method.needs_base:
+                recipe["base_model"] = base
+        if shared:
+            recipe["parameters"] = shared
+        recipe["models"] = [{"model": m, **({"parameters": own} if own else {})} for m in models]
+        recipes[name] = recipe
+    return recipes
+
+
+def run_methods_demo(work: Path, methods: list[str] | None = None, progress: bool = True, quick: bool = False) -> Path:
+    """Merge the demo's parents with each method (default: all), evaluate each on BioInstructQA (both
+    specialties) beside the parents and the base, and write work/methods/summary.md: one row per method with each
+    specialty's acc, their mean, the paired tests against both parents and the merge time; returns its path."""
+    say = print if progress else (lambda *a, **k: None)
+    work = work.resolve()
+    build_demo_inputs(work, quick, say)
+    out = work / "methods"
+    recipe_dir = out / "recipes"
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    recipes = method_recipes(work, methods)
+    for stale in recipe_dir.glob("*.yaml"):  # an earlier run's choice of methods
+        stale.unlink()
+    for name, recipe in recipes.items():
+        (recipe_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    experiment = {
+        "work_dir": ".",
+        "recipes": [f"recipes/{name}.yaml" for name in recipes],
+        "models": [str(work / "models" / n) for n in ("base", *PARENTS)],
+        "tasks": ["medmerge_bioinstructqa"],
+        "data_dir": str(work / "data"),
+        "fewshot_sets": [1],
+        "note": "Every merge method on the demo's two parents at its defaults: see summary.md beside this report.",
+        "lm_eval": {"model": "hf", "batch_size": 8, "dtype": "float32", "device": "cpu", "limit": 2 if quick else None},
+    }
+    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
+    say(f"merging the two parents with {len(recipes)} methods and evaluating each ({out / 'experiment.yaml'})")
+    leaderboard = run_experiment(out / "experiment.yaml", say=say)
+    summary = out / "summary.md"
+    summary.write_text(_methods_summary(recipes, leaderboard, out))
+    say(summary.read_text())
+    return summary
+
+
+def _methods_summary(recipes: dict[str, dict], leaderboard: Path, out: Path) -> str:
+    import csv
+
+    from medmerge.experiment import MERGE_SECONDS_FILE
+
+    with (leaderboard.parent / "leaderboard.csv").open(newline="") as file:
+        rows = {row["model"]: row for row in csv.DictReader(file)}
+    with (leaderboard.parent / "pairwise.csv").open(newline="") as file:
+        tests = {
+            (row["model_a"], row["model_b"]): (float(row["delta_a_minus_b"]), float(row["p"]))
+            for row in csv.DictReader(file)
+            if row["task"] == "medmerge_bioinstructqa" and row["metric"] == "acc,none"
+        }
+
+    def specialty(model: str, parent: str) -> float:
+        return sum(float(rows[model][f"{task} acc"]) for task in SPECIALTIES[parent]) / len(SPECIALTIES[parent])
+
+    def against(model: str, parent: str) -> str:
+        delta, p = (
+            tests[(model, parent)]
+            if (model, parent) in tests
+            else (-tests[(parent, model)][0], tests[(parent, model)][1])
+        )
+        mark = ("*" if delta > 0 else "†") if p < 0.05 and abs(delta) >= 0.001 else ""
+        return f"{delta:+.3f} (p {p:.2g}){mark}"
+
+    mmlu, medqa = PARENTS
+    lines = [
+        "# `medmerge demo --methods all`",
+        "",
+        "Every merge method on the demo's two parents, at its declared defaults (0.5 where a value is required: "
+        f"weight, t); BioInstructQA acc, shot set 1. `{mmlu}` side: the mean acc of its six MMLU tasks; `{medqa}` "
+        "side: of MedQA (4 and 5 options), MedMCQA and PubMedQA. Against each parent: Δ and p of the paired test "
+        "on the whole group (bioinstructqa acc; * better, † worse at p < 0.05). Merge: wall time of the merge. "
+        "Rows that tie are methods that coincide at these defaults (density 1 drops nothing, so DARE, "
+        "Breadcrumbs and DELLA's linear forms are task arithmetic, which with weights 0.5 is the average, as is "
+        "RAM on two models). Tiny models and synthetic questions (six per corpus): it checks the pipeline and "
+        "shows how the methods differ, not which is best for medicine.",
+        "",
+        f"| method | {mmlu} side | {medqa} side | mean | vs {mmlu} | vs {medqa} | merge s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ranked = sorted(rows, key=lambda m: -(specialty(m, mmlu) + specialty(m, medqa)))
+    for model in ranked:
+        a, b = specialty(model, mmlu), specialty(model, medqa)
+        if model in recipes:
+            seconds = float((out / "models" / model / MERGE_SECONDS_FILE).read_text())
+            tail = f"{against(model, mmlu)} | {against(model, medqa)} | {seconds:.2f}"
+        else:
+            tail = "— | — | —"  # a parent or the base
+        lines.append(f"| {model} | {a:.3f} | {b:.3f} | {(a + b) / 2:.3f} | {tail} |")
+    return "\n".join(lines) + "\n"

@@ -46,6 +46,7 @@ from merge.yamlfile import field_name, line_of, load_yaml, validate_model
 
 Say = Callable[[str], None]
 KEY_FILE = ".medmerge_key"  # the hash of everything that determined a finished merge or evaluation
+MERGE_SECONDS_FILE = ".medmerge_merge_seconds"  # how long a finished merge took (wall time, seconds)
 
 
 class _Strict(BaseModel):
@@ -228,6 +229,7 @@ def run_experiment(
             say(f"[merge {i}/{len(experiment.recipes)}] {name}: up to date")
         else:
             say(f"[merge {i}/{len(experiment.recipes)}] {name}")
+            started = time.monotonic()
             with progress(f"merging {name}") if progress else nullcontext() as update:
                 run_merge(
                     recipe,
@@ -239,6 +241,7 @@ def run_experiment(
                     progress=update,
                     warn=say,
                 )
+            (out / MERGE_SECONDS_FILE).write_text(f"{time.monotonic() - started:.3f}\n")
             (out / KEY_FILE).write_text(key)
         candidates[name] = Candidate(str(out), key)
     for i, moe in enumerate(experiment.moes, 1):

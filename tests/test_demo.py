@@ -9,19 +9,24 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medmerge.demo import (
     NOTE,
     PARENTS,
     SEARCH_FITNESS,
     SEARCH_TEST,
+    chosen_methods,
     demo_recipes,
     demo_searches,
+    method_recipes,
     run_demo,
+    run_methods_demo,
     run_search_demo,
 )
 from medmerge.experiment import run_experiment
 from medmerge.search.run import JOURNAL
+from medmerge_common.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +73,6 @@ def test_demo_builds_merges_evaluates_and_reports(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_search_demo_starts_from_the_hand_picked_settings_and_reports_them_on_test(tmp_path, capsys) -> None:
     """`medmerge demo --search` in the quick configuration (three trials per search, two documents per task)."""
-    import yaml
-
     summary_path = run_search_demo(tmp_path, quick=True)
     printed = capsys.readouterr().out
     assert "building a tiny base model" not in printed  # the demo's models, reused
@@ -94,3 +97,48 @@ def test_search_demo_starts_from_the_hand_picked_settings_and_reports_them_on_te
         arms = ["best", *PARENTS] + (["start"] if best > start else [])
         assert all(f"| {arm} | " in board for arm in arms), board
         assert yaml.safe_load((out / "start.yaml").read_text())["merge_method"] == name
+
+
+def test_every_method_has_a_comparison_recipe_that_plans(tmp_path) -> None:
+    """`--methods all`'s recipes: one per method but passthrough, each a valid merge of the demo's models (planned
+    with a dry run, nothing read)."""
+    from medmerge.tiny import build_model, build_tokenizer
+    from merge.methods import METHODS
+    from merge.run import run_merge
+
+    models = tmp_path / "models"
+    if not (models / "base").exists():  # the demo test built them when it ran first; else the untrained three
+        build_tokenizer(models / "tokenizer", extra_text=["Answer: A B C D"] * 20)
+        for name in ("base", *PARENTS):
+            build_model(models / name, models / "tokenizer", seed=len(name))
+    recipes = method_recipes(tmp_path)
+    assert set(recipes) == set(METHODS) - {"passthrough"}
+    assert recipes["slerp"]["base_model"].endswith("parent_mmlu") and recipes["slerp"]["parameters"] == {"t": 0.5}
+    assert recipes["ties"]["base_model"].endswith("base") and "parameters" not in recipes["ties"]  # density 1
+    for name, recipe in recipes.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        assert run_merge(path, tmp_path / "never" / name, dry_run=True).plan.jobs, name
+    assert chosen_methods("all") == list(recipes)
+    assert chosen_methods("slerp, ties") == ["slerp", "ties"]
+    with pytest.raises(UserError, match=r"no merge method 'tie' to compare \(did you mean 'ties'\?\)"):
+        chosen_methods("slerp,tie")
+
+
+@pytest.mark.slow
+def test_methods_demo_tabulates_each_method_against_both_parents(tmp_path, capsys) -> None:
+    """`medmerge demo --methods slerp,consensus_ties,nearswap` in the quick configuration (two documents per
+    task): the table's rows, their means, order, tests and merge times."""
+    recipes = method_recipes(tmp_path, ["slerp", "consensus_ties", "nearswap"])
+    summary = run_methods_demo(tmp_path, list(recipes), quick=True).read_text()
+    rows = re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (.*) \|$", summary, flags=re.M)
+    assert {row[0] for row in rows} == set(recipes) | {"base", *PARENTS}
+    for name, mmlu, medqa, mean, rest in rows:
+        assert float(mean) == pytest.approx((float(mmlu) + float(medqa)) / 2, abs=1e-3)
+        if name in recipes:  # Δ (p) against each parent, and the merge's seconds from the experiment
+            test = r"[+-][\d.]+ \(p [\d.e-]+\)[*†]?"
+            assert re.fullmatch(rf"{test} \| {test} \| [\d.]+", rest), rest
+    means = [float(row[3]) for row in rows]
+    assert means == sorted(means, reverse=True)
+    board = (tmp_path / "methods" / "report" / "leaderboard.md").read_text()
+    assert all(f"| {name} | " in board for name in recipes)
