@@ -140,6 +140,47 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_models(pairs: list[str]) -> dict[str, str]:
+    """NAME=MODEL pairs (repeatable --model), names unique."""
+    models: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, ref = pair.partition("=")
+        if not sep or not name or not ref:
+            raise UserError(f"--model {pair}: expected NAME=MODEL (a task's name and its fine-tuned model)")
+        if name in models:
+            raise UserError(f"--model {pair}: the task name '{name}' is given twice")
+        models[name] = ref
+    return models
+
+
+def cmd_tall_masks(args: argparse.Namespace) -> int:
+    with interrupts_held():
+        from merge.tall import write_masks
+
+    models = _named_models(args.model)
+    lambdas = dict.fromkeys(models, args.tall_lambda)
+    say = nowhere if args.quiet else to_stderr
+    write_masks(args.merged, args.base, models, lambdas, Path(args.out_dir), overwrite=args.overwrite, say=say)
+    return 0
+
+
+def cmd_tall_restore(args: argparse.Namespace) -> int:
+    with interrupts_held():
+        from merge.tall import restore
+
+    say = nowhere if args.quiet else to_stderr
+    restore(
+        args.merged,
+        Path(args.masks),
+        args.task,
+        Path(args.out_dir),
+        base_ref=args.base,
+        overwrite=args.overwrite,
+        say=say,
+    )
+    return 0
+
+
 def cmd_fuse_train(args: argparse.Namespace) -> int:
     with interrupts_held():
         from medmerge.console import progress_bar
@@ -573,6 +614,47 @@ def _add_fuse_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace FUSION_DIR if medmerge wrote it")
     train.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     train.set_defaults(func=cmd_fuse_train)
+
+    tall = sub.add_parser(
+        "tall", help="TALL masks: keep one merged model and restore each task's model from it"
+    ).add_subparsers(dest="tall_command", required=True, metavar="ACTION")
+    masks = tall.add_parser(
+        "masks",
+        help="write each task's TALL mask against a merged model (one bit per weight and task)",
+        description="m_t = 1{|τ_t| ≥ λ·|τ_MTL − τ_t|} with τ_t = θ_t − θ_base and τ_MTL = θ_merged − θ_base (Wang et "
+        "al., ICML 2024): where task t's own change dominates what the merge added for the others. MASKS_DIR holds "
+        "the packed masks and tall_masks.json (each mask's share of kept entries, the merged model's fingerprint).",
+    )
+    masks.add_argument("merged", help="the merged model (directory or hub id)")
+    masks.add_argument("--base", required=True, help="the model the tasks were fine-tuned from")
+    masks.add_argument(
+        "--model", action="append", required=True, metavar="NAME=MODEL", help="a task and its model (repeatable)"
+    )
+    masks.add_argument(
+        "--lambda",
+        dest="tall_lambda",
+        type=float,
+        default=0.4,
+        help="λ for every task (default 0.4; the paper picks it per task from 0.2-0.6 on validation)",
+    )
+    masks.add_argument("-o", "--out", dest="out_dir", required=True, help="output directory (MASKS_DIR)")
+    masks.add_argument("--overwrite", action="store_true", help="replace MASKS_DIR if medmerge wrote it")
+    masks.add_argument("--quiet", action="store_true", help="no summary lines")
+    masks.set_defaults(func=cmd_tall_masks)
+    restore = tall.add_parser(
+        "restore",
+        help="restore one task's model: θ_base + m_t ⊙ (θ_merged − θ_base)",
+        description="Write task NAME's model from the merged model and its TALL mask, with the merged model's "
+        "config and tokenizer; the merged model must be the one the masks were made from (checked).",
+    )
+    restore.add_argument("merged", help="the merged model the masks were made from")
+    restore.add_argument("masks", help="MASKS_DIR from `medmerge tall masks`")
+    restore.add_argument("--task", required=True, help="the task to restore")
+    restore.add_argument("--base", help="the base model (default: the one the masks record)")
+    restore.add_argument("-o", "--out", dest="out_dir", required=True, help="output model directory")
+    restore.add_argument("--overwrite", action="store_true", help="replace the output if medmerge wrote it")
+    restore.add_argument("--quiet", action="store_true", help="no summary line")
+    restore.set_defaults(func=cmd_tall_restore)
 
 
 MOE_ACTIONS = ("build", "train-router", "-h", "--help")

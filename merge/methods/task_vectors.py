@@ -178,6 +178,18 @@ def consensus_mask(deltas: Sequence[torch.Tensor], lambdas: Sequence[float], k: 
     return (count >= k).reshape(deltas[0].shape)
 
 
+def tall_mask(delta: torch.Tensor, multi_task: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """One task's TALL mask against a given multi-task vector (the compression use of Wang et al. 2024): with
+    τ_MTL = θ_merged − θ_base,
+
+        m_t = 1{ |τ_t| ≥ λ_t · |τ_MTL − τ_t| },    θ_t ≈ θ_base + m_t ⊙ τ_MTL   (exact where only task t moved)
+
+    in float32 (float64 stays float64); a boolean mask of `delta`'s shape."""
+    wide = torch.promote_types(delta.dtype, torch.float32)
+    tau, total = delta.to(wide), multi_task.to(wide)
+    return tau.abs() >= (total - tau).abs() * lambda_
+
+
 def merge_task_vectors(
     base: torch.Tensor,
     others: Sequence[torch.Tensor],
