@@ -153,6 +153,29 @@ def _named_models(pairs: list[str]) -> dict[str, str]:
     return models
 
 
+def cmd_fisher(args: argparse.Namespace) -> int:
+    with interrupts_held():
+        from medmerge.experiment import library_progress_bars
+        from medmerge.fisher import estimate_fisher
+
+    say = nowhere if args.quiet else to_stderr
+    with library_progress_bars(not args.quiet):
+        estimate_fisher(
+            args.model,
+            args.data,
+            Path(args.out_dir),
+            estimator=args.estimator,
+            limit=args.limit,
+            max_length=args.max_length,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            say=say,
+        )
+    return 0
+
+
 def cmd_tall_masks(args: argparse.Namespace) -> int:
     with interrupts_held():
         from merge.tall import write_masks
@@ -614,6 +637,36 @@ def _add_fuse_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace FUSION_DIR if medmerge wrote it")
     train.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     train.set_defaults(func=cmd_fuse_train)
+
+    fisher = sub.add_parser(
+        "fisher",
+        help="estimate a model's diagonal Fisher on calibration text (for the fisher merge method)",
+        description="F = mean over texts of (∂ log p(y|x) / ∂θ)², one text at a time (Matena & Raffel 2022). "
+        "FISHER_DIR holds it under the model's tensor names; a recipe names it per model: "
+        "`merge_method: fisher`, `parameters: {fisher: FISHER_DIR}`.",
+    )
+    fisher.add_argument("model", help="the model (directory or hub id)")
+    fisher.add_argument(
+        "--data",
+        required=True,
+        help='calibration texts: a .txt file (one per line), a .jsonl of {"text": ...}, or a labelled source '
+        "(medmcqa, a MedMCQA-schema file, task:NAME[:SPLIT]) as question + right answer",
+    )
+    fisher.add_argument("-o", "--out", dest="out_dir", required=True, help="output directory (FISHER_DIR)")
+    fisher.add_argument(
+        "--estimator",
+        choices=["model", "empirical"],
+        default="model",
+        help="y sampled from the model (the paper's Fisher; default) or the text's own tokens (empirical Fisher)",
+    )
+    fisher.add_argument("--limit", type=int, help="use the first N texts")
+    fisher.add_argument("--max-length", type=int, default=512, help="tokens per text at most (default 512)")
+    fisher.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    fisher.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    fisher.add_argument("--seed", type=int, default=0, help="seed of the sampled y (default 0)")
+    fisher.add_argument("--overwrite", action="store_true", help="replace FISHER_DIR if medmerge wrote it")
+    fisher.add_argument("--quiet", action="store_true", help="no progress lines")
+    fisher.set_defaults(func=cmd_fisher)
 
     tall = sub.add_parser(
         "tall", help="TALL masks: keep one merged model and restore each task's model from it"

@@ -343,7 +343,7 @@ def method_recipes(work: Path, methods: list[str] | None = None) -> dict[str, di
     recipes = {}
     for name in methods or comparable_methods():
         method = METHODS[name]
-        required = {p.name: 0.5 for p in method.params if p.default is REQUIRED}
+        required = {p.name: 0.5 for p in method.params if p.default is REQUIRED and not p.tensor_file}
         shared = {k: v for k, v in required.items() if not method.param(k).per_model}
         own = {k: v for k, v in required.items() if method.param(k).per_model}
         recipe: dict = {"merge_method": name, "dtype": "float32"}
@@ -355,9 +355,30 @@ def method_recipes(work: Path, methods: list[str] | None = None) -> dict[str, di
                 recipe["base_model"] = base
         if shared:
             recipe["parameters"] = shared
-        recipe["models"] = [{"model": m, **({"parameters": own} if own else {})} for m in models]
+        recipe["models"] = []
+        for model in models:
+            files = {p.name: str(fisher_dir(work, Path(model).name)) for p in method.params if p.tensor_file}
+            recipe["models"].append({"model": model} | ({"parameters": own | files} if own or files else {}))
         recipes[name] = recipe
     return recipes
+
+
+def fisher_dir(work: Path, parent: str) -> Path:
+    return work / "methods" / "fishers" / parent
+
+
+def estimate_parent_fishers(work: Path, say: Callable[..., None]) -> None:
+    """The parents' diagonal Fishers for the `fisher` method (`medmerge fisher`, the paper's sampled estimator), on
+    the fixtures' train questions with their answers (router_train.jsonl: never a test question); kept once made."""
+    from medmerge.fisher import estimate_fisher
+
+    data = work / "router_train.jsonl"
+    with scoped_environment(MEDMERGE_DATA_DIR=str(work / "data")):
+        router_training_split(data)
+    for parent in PARENTS:
+        if not (fisher_dir(work, parent) / "fisher.json").is_file():
+            estimate_fisher(str(work / "models" / parent), str(data), fisher_dir(work, parent), say=lambda _: None)
+            say(f"estimated {parent}'s Fisher on {data.name} ({fisher_dir(work, parent)})")
 
 
 def run_methods_demo(work: Path, methods: list[str] | None = None, progress: bool = True, quick: bool = False) -> Path:
@@ -371,6 +392,8 @@ def run_methods_demo(work: Path, methods: list[str] | None = None, progress: boo
     recipe_dir = out / "recipes"
     recipe_dir.mkdir(parents=True, exist_ok=True)
     recipes = method_recipes(work, methods)
+    if "fisher" in recipes:
+        estimate_parent_fishers(work, say)
     for stale in recipe_dir.glob("*.yaml"):  # an earlier run's choice of methods
         stale.unlink()
     for name, recipe in recipes.items():
@@ -417,6 +440,7 @@ def _methods_summary(recipes: dict[str, dict], leaderboard: Path, out: Path) -> 
             if (model, parent) in tests
             else (-tests[(parent, model)][0], tests[(parent, model)][1])
         )
+        delta = round(delta, 3) + 0.0  # no "-0.000"
         mark = ("*" if delta > 0 else "†") if p < 0.05 and abs(delta) >= 0.001 else ""
         return f"{delta:+.3f} (p {p:.2g}){mark}"
 

@@ -18,7 +18,17 @@ import torch
 from merge.io.hub import open_model
 from merge.plan import MergePlan, TensorJob, build_plan
 from merge.recipe import Recipe
-from merge.run import check_device, check_merged, inputs_finite, load_job, merge_tensor, method_rng, plan_merge
+from merge.run import (
+    check_device,
+    check_merged,
+    file_params,
+    inputs_finite,
+    load_job,
+    merge_tensor,
+    method_rng,
+    open_tensor_files,
+    plan_merge,
+)
 
 Say = Callable[[str], None]
 
@@ -56,7 +66,9 @@ class InPlaceMerge:
         self.done: dict[str, tuple[Any, ...]] = {}  # output name -> what determined the tensor it holds
         # cache_inputs: every input tensor kept after its first read, in the merge dtype on the merge device (the
         # models' size again in memory), so a trial is the arithmetic alone
-        self.inputs: dict[tuple[Any, ...], tuple[list[torch.Tensor], bool]] | None = {} if cache_inputs else None
+        self.inputs: dict[tuple[Any, ...], tuple[list[torch.Tensor], bool, list[dict]]] | None = (
+            {} if cache_inputs else None
+        )
 
     def assume(self, recipe: Recipe) -> None:
         """Record that the target already holds `recipe`'s merge (it was loaded from that merge on disk)."""
@@ -72,8 +84,8 @@ class InPlaceMerge:
             if self.done.get(job.output.name) == key:
                 continue
             self.done.pop(job.output.name, None)  # a failure below leaves this tensor unknown, not stale
-            inputs, finite = self._inputs(job, plan)
-            merged = merge_tensor(job, inputs, plan, method_rng(job, plan, self.seed))
+            inputs, finite, files = self._inputs(job, plan)
+            merged = merge_tensor(job, inputs, plan, method_rng(job, plan, self.seed), files)
             check_merged(job.output.name, merged, finite)
             target = self.target[job.output.name]
             with torch.no_grad():
@@ -82,13 +94,15 @@ class InPlaceMerge:
             recomputed += 1
         return recomputed
 
-    def _inputs(self, job: TensorJob, plan: MergePlan) -> tuple[list[torch.Tensor], bool]:
-        # what the loaded inputs depend on (not the parameters): tensors read, their order, dtype, vocabulary
-        key = (tuple((s.model, s.tensor) for s in job.sources), job.base_index, plan.recipe.dtype)
+    def _inputs(self, job: TensorJob, plan: MergePlan) -> tuple[list[torch.Tensor], bool, list[dict]]:
+        # what the loaded inputs depend on (not the parameters): tensors read, their order, dtype, vocabulary,
+        # and the directories file parameters name
+        files = tuple(tuple(sorted((k, v) for k, v in s.params.items() if k in file_params(plan))) for s in job.sources)
+        key = (tuple((s.model, s.tensor) for s in job.sources), job.base_index, plan.recipe.dtype, files)
         if self.inputs is not None and key in self.inputs:
             return self.inputs[key]
-        inputs, _, nonfinite = load_job(job, plan, self.models, self.device, self.seed)
-        loaded = inputs, inputs_finite(job, nonfinite, False, self.warn)
+        inputs, _, nonfinite, tensors = load_job(job, plan, self.models, self.device, self.seed)
+        loaded = inputs, inputs_finite(job, nonfinite, False, self.warn), tensors
         if self.inputs is not None:
             self.inputs[key] = loaded
         return loaded
@@ -98,6 +112,7 @@ class InPlaceMerge:
             if ref not in self.models:
                 self.models[ref] = open_model(ref, weights=True)
         plan = build_plan(recipe, self.models, self.vocabulary)
+        open_tensor_files(plan, self.models)
         outputs = [job.output.name for job in plan.jobs]
         if outputs != self.outputs:
             raise ValueError("a recipe merged in place must plan the same output tensors as the first one")

@@ -84,8 +84,13 @@ def evaluate(setting: Any, tensor_name: str, t: float, kind: type) -> Any:
 
 
 def convert(value: Any, kind: type) -> Any:
-    """YAML scalar -> float, int or bool, as the parameter's type asks (strings like '1e-3' are numbers; an int
-    parameter takes whole numbers, and a gradient of them is rounded to the nearest at each layer)."""
+    """YAML scalar -> float, int, bool or str (a path), as the parameter's type asks (strings like '1e-3' are
+    numbers; an int parameter takes whole numbers, and a gradient of them is rounded to the nearest at each
+    layer)."""
+    if kind is str:  # a path: a file parameter (its tensors are read by the runner)
+        if isinstance(value, str) and value.strip():
+            return value
+        raise ValueError(f"expected a path, got {value!r}")
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -274,6 +274,8 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
                 problem(malformed, *where)
                 continue
             bad = _first_bad_value(value, spec.type)
+            if spec.type is str and any(_is_gradient(v) for v in [value, *_filtered_values(value)]):
+                bad = f"'{name}' is a path: one per model (or per filter), not a gradient"
             if bad:
                 problem(bad, *where)
                 continue
@@ -369,6 +371,16 @@ def _leaves(value: Any) -> list[Any]:
     if isinstance(value, list):
         return [leaf for v in value for leaf in _leaves(v)]
     return [value]
+
+
+def _is_gradient(value: Any) -> bool:
+    return isinstance(value, list) and not any(isinstance(v, dict) for v in value)
+
+
+def _filtered_values(value: Any) -> list[Any]:
+    """The `value`s of a {filter, value} list (or of one such entry)."""
+    entries = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [e["value"] for e in entries if isinstance(e, dict)]
 
 
 def _first_bad_value(value: Any, kind: type) -> str | None:

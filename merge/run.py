@@ -15,7 +15,7 @@ import torch
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import Say, check_output_dir
 from merge.card import write_metadata
-from merge.io.checkpoint import Checkpoint
+from merge.io.checkpoint import Checkpoint, index_weights
 from merge.io.hub import input_dirs, open_model, tokenizer_dir
 from merge.io.writer import ShardedWriter, model_output
 from merge.methods import MergeCall
@@ -25,7 +25,9 @@ from merge.recipe import Recipe, load_recipe
 from merge.vocabulary import build_vocabulary
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
-Loaded = tuple[list[torch.Tensor], np.random.Generator | None, list[int]]  # inputs, generator, non-finite counts
+# inputs, generator, non-finite counts, and per input its file parameters' tensors (fisher: {...})
+Loaded = tuple[list[torch.Tensor], np.random.Generator | None, list[int], list[dict[str, torch.Tensor]]]
+TENSOR_FILE = "tensor-file:"  # key prefix of a file parameter's directory among the open checkpoints
 
 
 @dataclass
@@ -49,7 +51,51 @@ def plan_merge(recipe: Recipe, *, weights: bool, warn: Say | None = None) -> tup
     if recipe.vocabulary_settings is not None:
         configs = {ref: m.config for ref, m in models.items()}
         vocabulary = build_vocabulary(recipe, configs, {ref: tokenizer_dir(ref) for ref in models}, warn)
-    return build_plan(recipe, models, vocabulary), models
+    plan = build_plan(recipe, models, vocabulary)
+    open_tensor_files(plan, models)
+    return plan, models
+
+
+def file_params(plan: MergePlan) -> list[str]:
+    """The method's file parameters (a Fisher per model...): their values name directories of tensors."""
+    return [p.name for p in plan.recipe.method.params if p.tensor_file]
+
+
+def open_tensor_files(plan: MergePlan, models: dict[str, Checkpoint]) -> None:
+    """Open every directory a file parameter names (into `models`, under TENSOR_FILE + path) and check, before
+    any weight is read, that it holds each input tensor's counterpart with the same shape."""
+    names = file_params(plan)
+    for job in plan.jobs if names else []:
+        if job.copy_only:
+            continue
+        for source in job.sources:
+            for name in names:
+                path = source.params.get(name)
+                if path is None:
+                    continue  # the base: a file parameter is per model
+                key = TENSOR_FILE + path
+                if key not in models:
+                    directory = Path(path)
+                    if not directory.is_dir():
+                        raise UserError(
+                            f"{name}: '{path}' is not a directory (of {source.model})", file=plan.recipe.source_file
+                        )
+                    try:
+                        models[key] = Checkpoint(path, directory, {}, index_weights(path, directory))
+                    except UserError:
+                        raise UserError(
+                            f"{name}: '{path}' holds no tensors (model.safetensors or shards), so it is not a "
+                            f"{name} of {source.model}",
+                            file=plan.recipe.source_file,
+                        ) from None
+                info, expected = models[key].tensors.get(source.tensor), models[source.model].tensors[source.tensor]
+                if info is None or tuple(info.shape) != tuple(expected.shape):
+                    found = "has no tensor" if info is None else f"has shape {tuple(info.shape)} for"
+                    raise UserError(
+                        f"{name} '{path}' {found} '{source.tensor}' (model '{source.model}': "
+                        f"{tuple(expected.shape)}); was it computed for another model?",
+                        file=plan.recipe.source_file,
+                    )
 
 
 def method_rng(job: TensorJob, plan: MergePlan, seed: int) -> np.random.Generator | None:
@@ -90,12 +136,18 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
 
 
 def merge_tensor(
-    job: TensorJob, inputs: list[torch.Tensor], plan: MergePlan, rng: np.random.Generator | None
+    job: TensorJob,
+    inputs: list[torch.Tensor],
+    plan: MergePlan,
+    rng: np.random.Generator | None,
+    file_tensors: list[dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Apply the recipe's method to one job's input tensors (already in the merge dtype, on the device)."""
+    """Apply the recipe's method to one job's input tensors (already in the merge dtype, on the device); a file
+    parameter's value is its tensor (`file_tensors`, from load_job)."""
     if job.copy_only:
         return inputs[0]
-    call = MergeCall(inputs, job.base_index, job.params, [s.params for s in job.sources], rng)
+    per_model = [s.params | extra for s, extra in zip(job.sources, file_tensors or [{}] * len(job.sources))]
+    call = MergeCall(inputs, job.base_index, job.params, per_model, rng)
     try:
         return plan.recipe.method.apply(call).to(job.output.dtype)
     except MergeError as exc:
@@ -104,7 +156,8 @@ def merge_tensor(
 
 def load_job(job: TensorJob, plan: MergePlan, models: dict[str, Checkpoint], device: torch.device, seed: int) -> Loaded:
     """One job's inputs, read from the open models, cast to the merge dtype, re-indexed to the output vocabulary
-    where the recipe sets one, on `device`; its generator; and how many NaN/Inf entries each input held."""
+    where the recipe sets one, on `device`; its generator; how many NaN/Inf entries each input held; and each
+    input's file-parameter tensors (float32, on `device`)."""
     tensors = [models[s.model].read(s.tensor) for s in job.sources]
     nonfinite = [count_nonfinite(x) for x in tensors]  # in the stored dtype: a cast must not hide or add any
     merge_dtype = plan.recipe.merge_dtype
@@ -112,7 +165,15 @@ def load_job(job: TensorJob, plan: MergePlan, models: dict[str, Checkpoint], dev
     if job.vocabulary:
         assert plan.vocabulary is not None
         tensors = plan.vocabulary.align([s.model for s in job.sources], tensors, job.base_index)
-    return [x.to(device) for x in tensors], method_rng(job, plan, seed), nonfinite
+    files = [
+        {
+            name: models[TENSOR_FILE + s.params[name]].read(s.tensor, torch.float32).to(device)
+            for name in file_params(plan)
+            if not job.copy_only and s.params.get(name) is not None
+        }
+        for s in job.sources
+    ]
+    return [x.to(device) for x in tensors], method_rng(job, plan, seed), nonfinite, files
 
 
 def inputs_finite(job: TensorJob, nonfinite: list[int], allow_nonfinite: bool, warn: Say) -> bool:
@@ -212,11 +273,11 @@ def _merge_all(
         written: Future[None] | None = None
         for index, job in enumerate(plan.jobs):
             assert pending is not None
-            inputs, rng, nonfinite = pending.result()
+            inputs, rng, nonfinite, files = pending.result()
             finite = check_inputs(job, nonfinite)
             pending = reader.submit(load, plan.jobs[index + 1]) if index + 1 < len(plan.jobs) else None
-            merged = merge_tensor(job, inputs, plan, rng)
-            del inputs
+            merged = merge_tensor(job, inputs, plan, rng, files)
+            del inputs, files
             if written is not None:
                 written.result()
             written = writing.submit(write, job.output.name, merged, finite)

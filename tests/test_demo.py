@@ -19,12 +19,14 @@ from medmerge.demo import (
     chosen_methods,
     demo_recipes,
     demo_searches,
+    estimate_parent_fishers,
     method_recipes,
     run_demo,
     run_methods_demo,
     run_search_demo,
 )
 from medmerge.experiment import run_experiment
+from medmerge.fixtures import build_data_mirror
 from medmerge.search.run import JOURNAL
 from medmerge_common.errors import UserError
 
@@ -113,6 +115,8 @@ def test_every_method_has_a_comparison_recipe_that_plans(tmp_path) -> None:
             build_model(models / name, models / "tokenizer", seed=len(name))
     recipes = method_recipes(tmp_path)
     assert set(recipes) == set(METHODS) - {"passthrough"}
+    build_data_mirror(tmp_path / "data")
+    estimate_parent_fishers(tmp_path, say=lambda _: None)  # the fisher method's inputs
     assert recipes["slerp"]["base_model"].endswith("parent_mmlu") and recipes["slerp"]["parameters"] == {"t": 0.5}
     assert recipes["ties"]["base_model"].endswith("base") and "parameters" not in recipes["ties"]  # density 1
     for name, recipe in recipes.items():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from merge.methods.arcee_fusion import arcee_fusion
+from merge.methods.fisher import fisher_average
 from merge.methods.linear import linear
 from merge.methods.model_stock import model_stock
 from merge.methods.nearswap import nearswap
@@ -61,12 +62,15 @@ class Param:
     """A recipe parameter. `per_model` ones are read from each source (the base never gets NON-base ones)."""
 
     name: str
-    type: type  # float, int or bool
+    type: type  # float, int, bool, or str for a tensor file
     default: Any = REQUIRED
     per_model: bool = False
     base_too: bool = False  # per-model parameter that the base model also takes (linear's weight)
     doc: str = ""
     bounds: Bounds | None = None
+    # per-model, type str: a directory of safetensors holding, under the model's tensor names, one tensor of the same
+    # shape for each (a Fisher); the runner reads it beside the input and the method gets the tensor, not the path
+    tensor_file: bool = False
 
 
 @dataclass
@@ -178,6 +182,13 @@ def _arcee_fusion(c: MergeCall) -> torch.Tensor:
 def _ram(plus: bool, c: MergeCall) -> torch.Tensor:
     base, others, _ = c.base_and_others()
     return ram(base, others, c.params["epsilon"], (c.params["r"], c.params["alpha"]) if plus else None)
+
+
+def _fisher(c: MergeCall) -> torch.Tensor:
+    _, others, per_model = c.split()
+    return fisher_average(
+        others, [p["fisher"] for p in per_model], [p["weight"] for p in per_model], c.params["epsilon"]
+    )
 
 
 def _passthrough(c: MergeCall) -> torch.Tensor:
@@ -560,6 +571,30 @@ METHODS: dict[str, Method] = {
             paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
             base="required",
             max_models=1,
+        ),
+        Method(
+            "fisher",
+            "Fisher-weighted average: each entry weighted by each model's (diagonal) Fisher information",
+            _fisher,
+            (
+                Param(
+                    "fisher",
+                    str,
+                    per_model=True,
+                    doc="directory of this model's diagonal Fisher (`medmerge fisher MODEL -o DIR`)",
+                    tensor_file=True,
+                ),
+                Param("weight", float, 1.0, per_model=True, doc="λ_i, this model's merging coefficient"),
+                Param(
+                    "epsilon",
+                    float,
+                    1e-6,
+                    doc="floor of every Fisher entry (keeps entries no model's Fisher sees well defined)",
+                    bounds=Bounds(0, 1, low_open=True),
+                ),
+            ),
+            paper="https://arxiv.org/abs/2111.09832",
+            check=normalizable,
         ),
         Method(
             "passthrough",
