@@ -68,6 +68,12 @@ def open_tensor_files(plan: MergePlan, models: dict[str, Checkpoint]) -> None:
     for job in plan.jobs if names else []:
         if job.copy_only:
             continue
+        if job.vocabulary:  # token rows are re-indexed to the output vocabulary; the files' rows are not
+            raise UserError(
+                f"{plan.recipe.method.name} cannot merge over a changed vocabulary (tokenizer: union / tokens): its "
+                f"{names[0]} files hold rows of each model's own vocabulary",
+                file=plan.recipe.source_file,
+            )
         for source in job.sources:
             for name in names:
                 path = source.params.get(name)

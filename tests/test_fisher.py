@@ -116,5 +116,12 @@ def test_bad_fisher_inputs_are_one_line(tiny, fishers, tmp_path, capsys) -> None
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[0] and "Traceback" not in "\n".join(err), err
         assert not (tmp_path / "out").exists()
+    recipe.write_text(
+        f"merge_method: fisher\ndtype: float32\ntokenizer_source: union\nmodels:\n"
+        f"  - model: {tiny['ft1']}\n    parameters: {{fisher: {fishers['ft1']}}}\n"
+        f"  - model: {tiny['ft2']}\n    parameters: {{fisher: {fishers['ft2']}}}\n"
+    )
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert "cannot merge over a changed vocabulary" in capsys.readouterr().err
     assert main(["fisher", str(tiny["ft1"]), "--data", str(tmp_path / "none.txt"), "-o", str(tmp_path / "f")]) == 2
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "f").exists()
