@@ -177,6 +177,19 @@ def _held_out_key(q: Question) -> bytes:
     return hashlib.sha256("\0".join((HELD_OUT_SALT, q.question, *q.options)).encode()).digest()
 
 
+def train_questions(name: str) -> list[Question]:
+    """A corpus's train questions less any held out of train for validation (corpora.HELD_OUT): what shots for a
+    held-out split, and any training, may see without touching the questions a search is judged on."""
+    questions = corpus_questions(name, "fewshot")
+    held = {
+        (q.question, q.options)
+        for split, files in CORPORA[name].splits.items()
+        if files.held_out
+        for q in corpus_questions(name, split)
+    }
+    return [q for q in questions if (q.question, q.options) not in held] if held else questions
+
+
 def corpus_docs(name: str, split: str = "test") -> dict[str, list[dict[str, Any]]]:
     """{split: docs, "fewshot": docs} of a corpus, each doc one BioMistral question block; lm-eval samples the
     shots from "fewshot" (for a split held out of train, from train less the held-out questions)."""
@@ -186,8 +199,7 @@ def corpus_docs(name: str, split: str = "test") -> dict[str, list[dict[str, Any]
         raise ValueError(f"no split {split!r} of a corpus {name!r} to evaluate on")
     questions = {role: corpus_questions(name, role) for role in (split, "fewshot")}
     if CORPORA[name].splits[split].held_out:  # never a shot that is (a copy of) an evaluated question
-        evaluated = {(q.question, q.options) for q in questions[split]}
-        questions["fewshot"] = [q for q in questions["fewshot"] if (q.question, q.options) not in evaluated]
+        questions["fewshot"] = train_questions(name)
     out: dict[str, list[dict[str, Any]]] = {}
     for role, role_questions in questions.items():
         out[role] = []
@@ -345,12 +357,13 @@ MEDMCQA_FIELDS = ("question", "opa", "opb", "opc", "opd", "cop")
 
 
 def labelled_medmcqa(source: str) -> list[Question]:
-    """Labelled MedMCQA questions to train on: `medmcqa` is MedMCQA's train split (hub or mirror); otherwise a
-    .jsonl, .json (a list) or .parquet file of records in MedMCQA's schema (question, opa-opd, cop 0-3).
+    """Labelled MedMCQA questions to train on: `medmcqa` is MedMCQA's train split (hub or mirror) less the questions
+    held out of it as medmerge_medmcqa_validation; otherwise a .jsonl, .json (a list) or .parquet file of records
+    in MedMCQA's schema (question, opa-opd, cop 0-3).
 
     MedMCQA's validation split is refused: it is the labelled test set medmerge_medmcqa_inst reports on."""
     if source in ("medmcqa", "medmcqa:train"):
-        return corpus_questions("medmcqa", "fewshot")
+        return train_questions("medmcqa")
     if source.startswith("medmcqa:"):
         raise ValueError(
             f"{source}: only MedMCQA's train split can be trained on (its validation split is the test set "

@@ -366,6 +366,10 @@ def test_held_out_validation_is_a_slice_of_train_and_never_its_own_shot(corpus: 
         assert not {q.split(" \n ", 1)[0] for q in context.split("**Question:** ")[1:-1]} & set(held)
     test = our_tasks().load([f"medmerge_{corpus}_original"])["tasks"][f"medmerge_{corpus}_original"]
     assert len(test.fewshot_docs()) == len(train)  # the test task still draws its shots from all of train
+    trained = [q.question for q in sources.train_questions(corpus)]  # what routers and fusions may train on
+    assert set(trained) == {q.question for q in train} - set(held) and len(trained) == len(train) - len(held)
+    if corpus == "medmcqa":
+        assert [q.question for q in sources.labelled_medmcqa("medmcqa")] == trained
 
 
 def test_held_out_questions_are_fixed_by_their_text_whatever_the_file_order() -> None:
