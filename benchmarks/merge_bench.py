@@ -189,7 +189,30 @@ def recipes(d: dict[str, Path]) -> dict[str, dict]:
             "out_dtype": "bfloat16",
             "models": [{"model": base}, {"model": ft1}],
         },
+        # the literature methods mergekit 0.1.5 lacks: medmerge alone
+        "lines": {
+            "merge_method": "lines",
+            "base_model": base,
+            "dtype": "bfloat16",
+            "models": [
+                {"model": base},
+                {"model": ft1, "parameters": {"weight": 1.0}},
+                {"model": ft2, "parameters": {"weight": 1.0}},
+            ],
+        },
+        **{
+            method: {
+                "merge_method": method,
+                "base_model": base,
+                "dtype": "bfloat16",
+                "models": [{"model": base}, {"model": ft1}, {"model": ft2}],
+            }
+            for method in ("pcb", "widen")
+        },
     }
+
+
+MERGEKIT_LACKS = ("lines", "pcb", "widen")
 
 
 def timed(cmd: list[str], inputs: list[Path]) -> tuple[float, float]:
@@ -238,7 +261,7 @@ def main() -> int:
             inputs,
         )
         theirs = (None, None)
-        if args.mergekit_python:
+        if args.mergekit_python and name not in MERGEKIT_LACKS:
             shutil.rmtree(out / "mergekit", ignore_errors=True)
             exe = Path(args.mergekit_python).parent / "mergekit-yaml"
             theirs = timed([str(exe), str(path), str(out / "mergekit"), "--allow-crimes"], inputs)

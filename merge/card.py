@@ -56,6 +56,13 @@ def model_card(plan: MergePlan, recipe_text: str, seed: int) -> str:
         f"({method.summary}).",
         "",
     ]
+    if recipe.layer_scaling is not None:
+        scaling = recipe.layer_scaling
+        lines += [
+            f"The merged task vector is then scaled by layer with [LiNeS](https://arxiv.org/abs/2410.17146): "
+            f"{scaling.alpha:g} + {scaling.beta:g}·l/(L−1) at layer l of L, {scaling.alpha:g} outside the layers.",
+            "",
+        ]
     if recipe.base_model:
         lines += [f"Base model: `{recipe.base_model}`.", ""]
     lines += ["## Models merged", ""] + [f"- `{m}`" for m in plan.models] + [""]

@@ -16,6 +16,7 @@ from typing import Any
 from medmerge_common.errors import Problem, UserError
 from merge.io.checkpoint import Checkpoint, OutputTensor, TensorInfo, config_int
 from merge.methods import REQUIRED
+from merge.methods.lines import lines_scale
 from merge.params import layer_position, resolve
 from merge.recipe import Parameters, Recipe
 from merge.vocabulary import Vocabulary, vocab_size
@@ -61,6 +62,7 @@ class TensorJob:
     base_index: int | None
     params: dict[str, Any]
     t: float
+    depth: float | None = None  # l / (L - 1) over the output model's layers; None outside them (LiNeS reads it)
     copy_only: bool = False  # integer buffers are copied from the first source, never merged
     vocabulary: bool = False  # rows indexed by token: re-indexed to the output vocabulary before merging
 
@@ -127,17 +129,19 @@ def build_plan(recipe: Recipe, models: dict[str, Checkpoint], vocabulary: Vocabu
             tensor_problems,
         )
     out_layer = 0
+    total_layers = sum(sl.sources[0].end - sl.sources[0].start for sl in slices)
     for sl in slices:
         length = sl.sources[0].end - sl.sources[0].start
         for offset in range(length):
             t = layer_position(offset, length)
+            depth = layer_position(out_layer, total_layers)
             first = sl.sources[0]
             for ref_name in sorted(_layer_tensors(models[first.model], first.start + offset)):
                 m = LAYER.match(ref_name)
                 assert m
                 out_name = f"{m.group(1)}{out_layer}{m.group(3)}"
                 inputs = {s.model: f"{m.group(1)}{s.start + offset}{m.group(3)}" for s in sl.sources}
-                jobs += _job(recipe, models, None, sl, out_name, inputs, t, tensor_problems)
+                jobs += _job(recipe, models, None, sl, out_name, inputs, t, tensor_problems, depth)
             out_layer += 1
     for name in post:
         jobs += _job(
@@ -254,10 +258,12 @@ def _job(
     inputs: dict[str, str],
     t: float,
     problems: TensorProblems,
+    depth: float | None = None,
 ) -> list[TensorJob]:
     """One output tensor's job (or none, with problems recorded): find the inputs, resolve the parameters.
     With an output vocabulary, a tensor whose rows are each model's tokens (its first dimension is the model's
-    vocab_size: embeddings, lm_head) gets that vocabulary's rows."""
+    vocab_size: embeddings, lm_head) gets that vocabulary's rows. The recipe's `lines:` scales the method's
+    λ by the tensor's `depth` (merge/methods/lines.py)."""
     by_token = vocabulary is not None and all(
         (info := models[s.model].tensors.get(inputs[s.model])) is not None
         and info.shape[:1] == (vocab_size(models[s.model].config),)
@@ -274,6 +280,8 @@ def _job(
     sources = _per_model_params(recipe, sl, inputs, t, problems)
     if params is None or sources is None or not _method_check(recipe, params, sources, out_name, problems):
         return []
+    if recipe.layer_scaling is not None:
+        params["lambda"] *= lines_scale(recipe.layer_scaling.alpha, recipe.layer_scaling.beta, depth)
     base_index = next((i for i, s in enumerate(sl.sources) if s.model == sl.base), None)
     dtype = recipe.output_dtype or first.dtype
     shape = first.shape
@@ -290,7 +298,9 @@ def _job(
                 ),
             )
             return []
-    job = TensorJob(OutputTensor(out_name, dtype, shape), tuple(sources), base_index, params, t, vocabulary=by_token)
+    job = TensorJob(
+        OutputTensor(out_name, dtype, shape), tuple(sources), base_index, params, t, depth, vocabulary=by_token
+    )
     return [job]
 
 

@@ -93,6 +93,14 @@ class TokenizerSettings(_Strict):
     pad_to_multiple_of: int | None = Field(default=None, gt=0)
 
 
+class LayerScaling(_Strict):
+    """`lines:` (medmerge): LiNeS (Wang et al., ICLR 2025) after a task-vector method — the merged task vector of
+    layer l of L is scaled by alpha + beta·l/(L−1); embeddings, final norm and lm_head by alpha."""
+
+    alpha: float = Field(allow_inf_nan=False)
+    beta: float = Field(allow_inf_nan=False)
+
+
 class Recipe(_Strict):
     """A merge recipe (mergekit's format): either `models` or `slices`; the README lists every field."""
 
@@ -107,11 +115,12 @@ class Recipe(_Strict):
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     name: str | None = None
+    layer_scaling: LayerScaling | None = Field(default=None, alias="lines")
 
     # where it came from, for error messages (not part of the YAML)
     source_file: Path | None = Field(default=None, exclude=True)
     source_text: str = Field(default="", exclude=True, repr=False)  # the file as read: copied into the output
-    lines: dict[Path_, int] = Field(default_factory=dict, exclude=True, repr=False)
+    key_lines: dict[Path_, int] = Field(default_factory=dict, exclude=True, repr=False)  # where each key sits
     warnings: list[Problem] = Field(default_factory=list, exclude=True, repr=False)  # legal but suspicious values
 
     @property
@@ -147,7 +156,7 @@ class Recipe(_Strict):
 
     def where(self, *path: str | int) -> dict[str, Any]:
         """file/line/field keyword arguments for an error about `path`."""
-        return {"file": self.source_file, "line": line_of(self.lines, path), "field": field_name(path)}
+        return {"file": self.source_file, "line": line_of(self.key_lines, path), "field": field_name(path)}
 
     def model_refs(self) -> list[str]:
         """Every model the recipe names, base first, without duplicates."""
@@ -174,7 +183,7 @@ def recipe_from_data(data: Any, path: str | Path, lines: dict[Path_, int], text:
     assert isinstance(recipe, Recipe)
     recipe.source_file = Path(path)
     recipe.source_text = text
-    recipe.lines = lines
+    recipe.key_lines = lines
     problems, recipe.warnings = check_recipe(recipe)
     if problems:
         raise UserError(problems=problems)
@@ -210,6 +219,14 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
             problem(bad, *path)
     out += _check_tokenizer(r)
 
+    if r.layer_scaling is not None and method.param("lambda") is None:
+        problem(
+            f"lines scales a task-vector method's merged task vector; {method.name} has none "
+            f"(use it with {', '.join(m for m, spec in METHODS.items() if spec.param('lambda') and m != 'lines')})",
+            "lines",
+        )
+    elif r.layer_scaling is not None and method.param("alpha") is not None:
+        problem(f"{method.name} scales its layers itself: set alpha and beta under 'parameters'", "lines")
     if r.chat_template and r.chat_template != "chatml" and "{" not in r.chat_template:
         problem("chat_template must be 'chatml' or a Jinja template string", "chat_template")
     if method.needs_base and not (r.base_model or (r.slices and all(s.base_model for s in r.slices))):

@@ -153,7 +153,7 @@ def merge_tensor(
     if job.copy_only:
         return inputs[0]
     per_model = [s.params | extra for s, extra in zip(job.sources, file_tensors or [{}] * len(job.sources))]
-    call = MergeCall(inputs, job.base_index, job.params, per_model, rng)
+    call = MergeCall(inputs, job.base_index, job.params, per_model, rng, job.depth, job.output.name)
     try:
         return plan.recipe.method.apply(call).to(job.output.dtype)
     except MergeError as exc:

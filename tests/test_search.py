@@ -77,6 +77,14 @@ def test_search_file_dimensions_and_recipes(tiny, mirror, tmp_path):
     assert "search" not in yaml.safe_load(space.recipe_text(point))
 
 
+def test_lines_beta_after_ties_is_a_search_dimension(tiny, mirror, tmp_path):
+    data = ties_space(tiny, mirror) | {"lines": {"alpha": 0.5, "beta": {"range": [0.1, 1.0], "start": 0.5}}}
+    space = load_search(write(tmp_path / "s.yaml", data))
+    assert space.dimensions[-1].name == "lines.beta"
+    recipe = space.recipe({d.name: d.from_unit(1.0) for d in space.dimensions})
+    assert (recipe.layer_scaling.alpha, recipe.layer_scaling.beta) == (0.5, 1.0)
+
+
 BAD = [
     (lambda s: s["models"][0]["parameters"].update(density={"range": [0.9, 0.2]}), D0, "low must be below high"),
     (lambda s: s["models"][0]["parameters"].update(density={"range": ["a", 1]}), D0, "two numbers"),

@@ -223,8 +223,10 @@ def _searched(value: Any, path: Path_) -> Iterator[tuple[Path_, Any]]:
 
 def _dimension(node: dict[str, Any], path: Path_, file: Path, lines: dict[Path_, int]) -> Dimension:
     where = _where(file, lines, *path)
-    if path != ("merge_method",) and "parameters" not in path:
-        raise UserError("only parameter values (and merge_method, as a choice) can be searched", **where)
+    if path != ("merge_method",) and "parameters" not in path and path[:1] != ("lines",):
+        raise UserError(
+            "only parameter values, lines' alpha and beta (and merge_method, as a choice) can be searched", **where
+        )
     kind = "choice" if "choice" in node else "range"
     unknown = sorted(set(node) - {kind, "start"}, key=str)
     if unknown:

@@ -20,9 +20,11 @@ import torch
 from merge.methods.arcee_fusion import arcee_fusion
 from merge.methods.fisher import fisher_average
 from merge.methods.linear import linear
+from merge.methods.lines import lines_scale
 from merge.methods.model_stock import model_stock
 from merge.methods.nearswap import nearswap
 from merge.methods.passthrough import passthrough
+from merge.methods.pcb import pcb
 from merge.methods.ram import ram
 from merge.methods.sce import sce
 from merge.methods.slerp import slerp
@@ -36,6 +38,7 @@ from merge.methods.task_vectors import (
     rank_random_prune,
     rescale_l1,
 )
+from merge.methods.widen import widen
 
 REQUIRED = object()
 
@@ -82,6 +85,10 @@ class MergeCall:
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
     rng: np.random.Generator | None = None  # random methods only: seeded by (seed, tensor name) by the runner
+    # where the output tensor's layer sits among the output model's layers, l / (L - 1); None outside the layers
+    # (embeddings, final norm, lm_head). Only layer-scaled methods (LiNeS) read it.
+    depth: float | None = None
+    name: str = ""  # the output tensor's name, for methods that treat a tensor by its role (WIDEN: token rows)
 
     def split(self) -> tuple[torch.Tensor | None, list[torch.Tensor], list[dict[str, Any]]]:
         """(the base or None, the other inputs, their parameters)."""
@@ -174,6 +181,20 @@ def _sce(c: MergeCall) -> torch.Tensor:
     return sce(base, others, c.params["select_topk"])
 
 
+def _pcb(c: MergeCall) -> torch.Tensor:
+    base, others, _ = c.base_and_others()
+    return pcb(base, others, c.params["pcb_ratio"], c.params["lambda"])
+
+
+TOKEN_EMBEDDINGS = ("embed_tokens.weight", "wte.weight")
+
+
+def _widen(c: MergeCall) -> torch.Tensor:
+    base, others, _ = c.base_and_others()
+    ratio, calibration = c.params["above_average_value_ratio"], c.params["score_calibration_value"]
+    return widen(base, others, ratio, calibration, token_rows=c.name.endswith(TOKEN_EMBEDDINGS))
+
+
 def _arcee_fusion(c: MergeCall) -> torch.Tensor:
     base, (other,), _ = c.base_and_others()
     return arcee_fusion(base, other)
@@ -200,12 +221,20 @@ def _passthrough(c: MergeCall) -> torch.Tensor:
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"] | None
 
 
-def _task_vectors(sparsification: Sparsification, consensus: bool, tall: bool, c: MergeCall) -> torch.Tensor:
-    """θ_base + λ · combine(w_i · sparsify(τ_i) [⊙ m_consensus]), see merge/methods/task_vectors.py. bfloat16 on
-    the CPU with no sparsification, TIES's or DARE's runs fused (merge/methods/fused_bf16.py), to the same bits."""
+def _task_vectors(
+    sparsification: Sparsification, consensus: bool, tall: bool, lines: bool, c: MergeCall
+) -> torch.Tensor:
+    """θ_base + λ [· LiNeS scale] · combine(w_i · sparsify(τ_i) [⊙ m_consensus]), see
+    merge/methods/task_vectors.py. bfloat16 on the CPU with no sparsification, TIES's or DARE's runs fused
+    (merge/methods/fused_bf16.py), to the same bits."""
     from merge.methods import fused_bf16  # numba: imported when a task-vector merge runs, not on every command
 
     base, others, per_model = c.base_and_others()
+    lambda_ = c.params["lambda"]
+    if lines:
+        alpha = 1 / len(others) if c.params["alpha"] is None else c.params["alpha"]
+        beta = 1 - alpha if c.params["beta"] is None else c.params["beta"]
+        lambda_ *= lines_scale(alpha, beta, c.depth)
     mask = None
     if tall:  # the TALL masks' consensus, from the unpruned task vectors (the mask is elementwise: applying it
         # to each pruned τ̂_i before combining gives the masked merge, sign election included)
@@ -231,7 +260,7 @@ def _task_vectors(sparsification: Sparsification, consensus: bool, tall: bool, c
             rescale=rescale if sparsification else None,
             sign_consensus=consensus,
             normalize=c.params["normalize"],
-            lambda_=c.params["lambda"],
+            lambda_=lambda_,
         )
     uniform = (
         [None if d >= 1 else torch.from_numpy(c.rng.random(base.numel(), dtype=np.float32)) for d in densities]
@@ -265,7 +294,7 @@ def _task_vectors(sparsification: Sparsification, consensus: bool, tall: bool, c
         prune=prune if sparsification or mask is not None else None,
         sign_consensus=consensus,
         normalize=c.params["normalize"],
-        lambda_=c.params["lambda"],
+        lambda_=lambda_,
     )
 
 
@@ -300,6 +329,25 @@ TALL_PARAMS = (
         doc="TALL mask threshold λ_t: |τ_t| ≥ λ_t·|τ_MTL − τ_t| (the middle of the paper's grid 0.2-0.6; tune it "
         "on validation). `lambda` stays the merged vector's scale",
         bounds=Bounds(0, 1e30),
+    ),
+)
+
+
+LINES_PARAMS = (
+    Param(
+        "alpha",
+        float,
+        None,
+        doc="LiNeS: scale of the shallowest layer's (and the embeddings', final norm's, lm_head's) task vector; "
+        "default 1/N for N models, the paper's multi-task α for task arithmetic",
+        bounds=Bounds(0, 1e30),
+    ),
+    Param(
+        "beta",
+        float,
+        None,
+        doc="LiNeS: added scale at the deepest layer (α + β·l/(L−1) at layer l); default 1 − α, so the deepest "
+        "layer keeps the whole sum (the paper tunes β on validation, 0.1 .. 1.0)",
     ),
 )
 
@@ -360,15 +408,18 @@ def task_vector_method(
     normalize: bool = False,
     rescale: bool = False,
     tall: bool = False,
+    lines: bool = False,
 ) -> Method:
     """One member of the task-vector family: a sparsification, with or without TIES's sign consensus, with or
-    without the TALL masks' consensus (`k`, `tall_lambda`), and the defaults of `normalize` and `rescale` its
-    paper (and mergekit) use."""
+    without the TALL masks' consensus (`k`, `tall_lambda`), with or without LiNeS's layer scaling (`alpha`,
+    `beta`), and the defaults of `normalize` and `rescale` its paper (and mergekit) use."""
     return Method(
         name,
         summary,
-        partial(_task_vectors, sparsification, consensus, tall),
-        _task_vector_params(sparsification, normalize, rescale) + (TALL_PARAMS if tall else ()),
+        partial(_task_vectors, sparsification, consensus, tall, lines),
+        _task_vector_params(sparsification, normalize, rescale)
+        + (TALL_PARAMS if tall else ())
+        + (LINES_PARAMS if lines else ()),
         paper=paper,
         base="required",
         random=sparsification in ("random", "della"),
@@ -380,6 +431,7 @@ DARE = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
 DELLA = "https://arxiv.org/abs/2406.11617"
 CONSENSUS = "https://arxiv.org/abs/2405.07813"
+LINES = "https://arxiv.org/abs/2410.17146"
 TASK_VECTOR_METHODS = (
     task_vector_method(
         "task_arithmetic", "base + weighted sum of task vectors", "https://arxiv.org/abs/2212.04089", None, False
@@ -436,6 +488,14 @@ TASK_VECTOR_METHODS = (
         True,
         normalize=True,
         tall=True,
+    ),
+    task_vector_method(
+        "lines",
+        "LiNeS: task arithmetic with each layer's task vector scaled by α + β·l/(L−1), shallow layers least",
+        LINES,
+        None,
+        False,
+        lines=True,
     ),
 )
 
@@ -542,6 +602,46 @@ METHODS: dict[str, Method] = {
                 Param("int8_mask", bool, False, doc="accepted for mergekit recipes; masks are always compact here"),
             ),
             paper="https://arxiv.org/abs/2408.07990",
+            base="required",
+        ),
+        Method(
+            "pcb",
+            "PCB: weight each task-vector entry by its intra- and inter-task competition, keep the top ratio",
+            _pcb,
+            (
+                Param(
+                    "pcb_ratio",
+                    float,
+                    0.1,
+                    doc="fraction of each task vector's entries kept, by balance score (the authors' default)",
+                    bounds=Bounds(0, 1, low_open=True),
+                ),
+                Param("lambda", float, 1.0, doc="scale of the merged task vector"),
+            ),
+            paper="https://arxiv.org/abs/2410.02396",
+            base="required",
+        ),
+        Method(
+            "widen",
+            "WIDEN: weight each model's change per column by its ranked magnitude and direction shifts",
+            _widen,
+            (
+                Param(
+                    "above_average_value_ratio",
+                    float,
+                    1.0,
+                    doc="t: a column whose rank exceeds t times the model's mean rank gets score_calibration_value",
+                    bounds=Bounds(0, 1e30),
+                ),
+                Param(
+                    "score_calibration_value",
+                    float,
+                    1.0,
+                    doc="s: the score of a model's important columns (the others share a softmax over the models)",
+                    bounds=Bounds(0, 1e30),
+                ),
+            ),
+            paper="https://arxiv.org/abs/2408.03092",
             base="required",
         ),
         Method(

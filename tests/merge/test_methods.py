@@ -484,3 +484,207 @@ def test_consensus_masks_where_few_models_agree_and_refuses_an_impossible_k() ->
     per_model = [{}, *[{"weight": 1.0, "tall_lambda": 0.4}] * 2]  # the base first, as the plan passes them
     assert check({"k": 2, "normalize": False}, per_model) is None
     assert "k = 3 exceeds the 2 models" in check({"k": 3, "normalize": False}, per_model)
+
+
+# --- LiNeS, Wang et al. 2025 ------------------------------------------------------------------------------------
+
+
+def test_lines_scale_runs_from_alpha_at_the_shallowest_layer_to_alpha_plus_beta_at_the_deepest() -> None:
+    from merge.methods.lines import lines_scale
+
+    assert [lines_scale(0.5, 0.3, d) for d in (None, 0.0, 0.5, 1.0)] == [0.5, 0.5, 0.65, 0.8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lines_with_beta_zero_is_a_uniform_scale_of_task_arithmetic(dtype: torch.dtype) -> None:
+    """The paper's property: β = 0 scales every layer alike, i.e. task arithmetic with λ = α, to the bit."""
+    g = torch.Generator().manual_seed(4)
+    base, *others = (torch.randn(300, generator=g).to(dtype) for _ in range(3))
+    spec = METHODS["lines"]
+    shared = {p.name: p.default for p in spec.params if not p.per_model} | {"alpha": 0.7, "beta": 0.0}
+    per_model = [{}, *[{"weight": 1.0, "density": 1.0}] * 2]
+    expected = merged("task_arithmetic", base, others, [1.0, 1.0], **{"lambda": 0.7})
+    for depth in (None, 0.0, 0.4, 1.0):
+        assert torch.equal(spec.apply(MergeCall([base, *others], 0, shared, per_model, depth=depth)), expected)
+
+
+def test_lines_defaults_are_one_over_n_and_the_deepest_layer_keeps_the_sum() -> None:
+    base, x, y = torch.zeros(4), torch.tensor([1.0, 2.0, 0.0, -4.0]), torch.tensor([3.0, 0.0, 1.0, 0.0])
+    spec = METHODS["lines"]
+    shared = {p.name: p.default for p in spec.params if not p.per_model}
+    per_model = [{}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 1.0}]
+    at = {d: spec.apply(MergeCall([base, x, y], 0, shared, per_model, depth=d)).tolist() for d in (None, 0.5, 1.0)}
+    assert at[None] == [2.0, 1.0, 0.5, -2.0]  # α = 1/2: the average of the task vectors
+    assert at[0.5] == [3.0, 1.5, 0.75, -3.0]  # α + β/2 = 3/4
+    assert at[1.0] == [4.0, 2.0, 1.0, -4.0]  # α + β = 1: their sum
+
+
+def test_lines_by_layer_from_a_recipe_as_a_method_and_as_a_post_step(tiny, write_recipe, tmp_path) -> None:
+    """The `lines` method, `lines:` after task_arithmetic, and task_arithmetic with the λ gradient [α, α+β] (whose
+    first value the embeddings, final norm and lm_head take) are one merge, to the bit; layer l of the 4 gets
+    α + β·l/3 of the task vectors' sum."""
+    from merge.run import run_merge
+    from tests.conftest import load_weights
+
+    models = [{"model": str(tiny[m]), "parameters": {"weight": 1.0}} for m in ("ft1", "ft2")]
+
+    def merge(name: str, **recipe: object) -> dict[str, torch.Tensor]:
+        recipe = {"base_model": str(tiny["base"]), "models": models, **recipe}
+        run_merge(write_recipe(recipe, f"{name}.yaml"), tmp_path / name)
+        return load_weights(tmp_path / name)
+
+    method = merge("method", merge_method="lines", parameters={"alpha": 0.25, "beta": 0.5})
+    post = merge("post", merge_method="task_arithmetic", lines={"alpha": 0.25, "beta": 0.5})
+    gradient = merge("gradient", merge_method="task_arithmetic", parameters={"lambda": [0.25, 0.75]})
+    base, ft1, ft2 = (load_weights(tiny[m]) for m in ("base", "ft1", "ft2"))
+    for name in base:
+        assert torch.equal(method[name], post[name]) and torch.equal(method[name], gradient[name]), name
+    for layer in range(4):
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        scale = 0.25 + 0.5 * layer / 3
+        expected = base[name] + scale * ((ft1[name] - base[name]) + (ft2[name] - base[name]))
+        assert torch.allclose(method[name], expected, atol=1e-6), layer
+    name = "model.embed_tokens.weight"
+    expected = base[name] + 0.25 * ((ft1[name] - base[name]) + (ft2[name] - base[name]))
+    assert torch.allclose(method[name], expected, atol=1e-6)
+    card = (tmp_path / "post" / "README.md").read_text()
+    assert "LiNeS" in card and "0.25 + 0.5·l/(L−1)" in card
+
+
+# --- PCB-Merging, Du et al. 2024 ---------------------------------------------------------------------------------
+
+
+def _pcb_oracle(base: torch.Tensor, others: list[torch.Tensor], ratio: float) -> torch.Tensor:
+    """PCB written out entry by entry in float64 from the paper's steps, with sorted lists for the ranks."""
+    n, d = len(others), base.numel()
+    tau = [[float(x.reshape(-1)[j] - base.reshape(-1)[j]) for j in range(d)] for x in others]
+    total = [sum(t[j] for t in tau) for j in range(d)]
+
+    def norm(row: list[float]) -> list[float]:
+        low, high = min(row), max(row)
+        return [0.0 if high == low else (v - low) / (high - low) for v in row]
+
+    scores, clamped = [], []
+    for t in tau:
+        ranked = sorted(abs(v) for v in t)
+        low, high = ranked[int(d * 1e-4)], ranked[max(int(d * (1 - 1e-4)) - 1, 0)]
+        a = [min(max(abs(v), low), high) for v in t]
+        clamped.append([math.copysign(x, v) if v else 0.0 for x, v in zip(a, t)])
+        beta = [math.exp(n * s * s) * math.tanh(v * tot) for s, v, tot in zip(norm(a), t, total)]
+        threshold = sorted(beta)[min(int(d * (1 - ratio)), d - 1)]
+        scores.append(norm([max(b, threshold) for b in beta]))
+    merged = [
+        sum(s[j] * c[j] for s, c in zip(scores, clamped)) / max(sum(s[j] for s in scores), 1e-12) for j in range(d)
+    ]
+    return base.double() + torch.tensor(merged, dtype=torch.float64).reshape(base.shape)
+
+
+def test_pcb_matches_the_papers_steps_written_out() -> None:
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(6, 7, generator=g, dtype=torch.float64)
+    others = [base + torch.randn(6, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    for ratio in (0.1, 0.3, 1.0):
+        assert torch.allclose(merged("pcb", base, others, [1.0] * 3, pcb_ratio=ratio), _pcb_oracle(base, others, ratio))
+
+
+def test_pcb_keeps_the_top_ratio_drops_opposed_entries_and_averages_within_the_models() -> None:
+    from merge.methods.pcb import pcb
+
+    g = torch.Generator().manual_seed(12)
+    base = torch.zeros(5000)
+    agree = torch.rand(5000, generator=g) + 0.5
+    x, y = agree.clone(), agree * 0.5
+    y[:100] = -3.0  # here x opposes y and their sum: tanh(τ_x · Σ τ) < 0, x's lowest balance scores
+    out = pcb(base, [x], 0.2)
+    assert int((out != 0).sum()) <= 1000  # one model: only its top 20% survive, taken whole
+    both = pcb(base, [x, y], 0.1)
+    assert torch.allclose(both[:100], y[:100])  # x's opposed entries are dropped; y's, large, are kept whole
+    kept = both != 0
+    low, high = torch.minimum(x, y), torch.maximum(x, y)
+    assert bool(((both[kept] >= low[kept] - 1e-6) & (both[kept] <= high[kept] + 1e-6))[100:].all())
+    assert torch.equal(pcb(base, [x, y], 0.1, lambda_=0.0), base)
+
+
+# --- WIDEN, Yu et al. 2024 ---------------------------------------------------------------------------------------
+
+
+def _widen_oracle(base: torch.Tensor, others: list[torch.Tensor], t: float, s: float) -> torch.Tensor:
+    """WIDEN written out column by column in float64 with Python lists: disentangle, rank, score, merge."""
+    n, (rows, cols) = len(others), base.shape
+
+    def column(w: torch.Tensor, j: int) -> list[float]:
+        return [float(w[i, j]) for i in range(rows)]
+
+    def scores(significance: list[list[float]]) -> list[list[float]]:
+        out = [[0.0] * cols for _ in range(n)]
+        for j in range(cols):
+            exps = [math.exp(significance[m][j]) for m in range(n)]
+            for m in range(n):
+                mean = sum(significance[m]) / cols
+                out[m][j] = s if significance[m][j] > mean * t else exps[m] / sum(exps)
+        return out
+
+    def ranked(values: list[float]) -> list[float]:
+        order = sorted(range(cols), key=lambda j: (values[j], j))
+        ranks = [0.0] * cols
+        for position, j in enumerate(order):
+            ranks[j] = position / cols
+        return ranks
+
+    magnitude_ranks, direction_ranks = [], []
+    for x in others:
+        dm, dd = [], []
+        for j in range(cols):
+            a, b = column(x, j), column(base, j)
+            na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
+            dm.append(abs(na - nb))
+            dd.append(1 - sum(u * v for u, v in zip(a, b)) / (na * nb))
+        magnitude_ranks.append(ranked(dm))
+        direction_ranks.append(ranked(dd))
+    sm, sd = scores(magnitude_ranks), scores(direction_ranks)
+    out = base.clone().double()
+    for m, x in enumerate(others):
+        for j in range(cols):
+            out[:, j] += 0.5 * (sm[m][j] + sd[m][j]) * (x[:, j] - base[:, j]).double()
+    return out
+
+
+def test_widen_matches_its_steps_written_out() -> None:
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    others = [base + 0.3 * torch.randn(5, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    for t, s in ((1.0, 1.0), (1.5, 0.7), (1e9, 1.0)):
+        out = merged("widen", base, others, [1.0] * 3, above_average_value_ratio=t, score_calibration_value=s)
+        assert torch.allclose(out, _widen_oracle(base, others, t, s)), (t, s)
+
+
+def test_widen_of_one_model_is_that_model_and_token_embeddings_are_scored_by_token() -> None:
+    from merge.methods.widen import widen
+
+    g = torch.Generator().manual_seed(22)
+    base = torch.randn(6, 4, generator=g)
+    x = base + torch.randn(6, 4, generator=g)
+    assert torch.allclose(widen(base, [x]), x)  # every score is s = 1 or a softmax over one model = 1
+    assert torch.allclose(widen(base[0], [x[0]]), x[0])  # so for a vector
+    y = base + torch.randn(6, 4, generator=g)
+    rows = widen(base, [x, y], token_rows=True)
+    assert torch.allclose(rows, widen(base.T, [x.T, y.T]).T)  # a token embedding's tokens are its rows
+    spec = METHODS["widen"]
+    shared = {p.name: p.default for p in spec.params}
+    for name, expected in (("model.embed_tokens.weight", rows), ("model.layers.0.mlp.up_proj.weight", None)):
+        out = spec.apply(MergeCall([base, x, y], 0, shared, [{}, {}, {}], name=name))
+        assert torch.equal(out, expected if expected is not None else widen(base, [x, y]))
+    with pytest.raises(MergeError, match="not 3-dimensional"):
+        widen(base.reshape(2, 3, 4), [x.reshape(2, 3, 4)])
+
+
+def test_widen_vectors_take_the_larger_change_whole() -> None:
+    """A norm weight: where a model's |τ| is above its mean it counts whole (s = 1); elsewhere the models share
+    by a softmax of |τ|."""
+    from merge.methods.widen import widen
+
+    base = torch.zeros(4)
+    x, y = torch.tensor([2.0, 0.0, 0.1, 0.0]), torch.tensor([0.0, 0.1, 0.0, 0.0])
+    out = widen(base, [x, y])
+    share = torch.softmax(torch.tensor([0.1, 0.0]), dim=0)  # entry 2: x's 0.1 is below x's mean |τ| (0.525)
+    assert torch.allclose(out, torch.tensor([2.0, 0.1, 0.1 * float(share[0]), 0.0]))

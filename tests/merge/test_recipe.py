@@ -146,6 +146,21 @@ def test_invalid_yaml_names_the_line(write_recipe) -> None:
             "merge_method: linear\ntokenizer_source: a/c\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n",
             "recipe.yaml:2: tokenizer_source: 'a/c' is not 'union', 'base' or one of the recipe's models",
         ),
+        (
+            "merge_method: linear\nlines: {alpha: 0.5, beta: 0.5}\n"
+            "models:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "recipe.yaml:2: lines: lines scales a task-vector method's merged task vector; linear has none",
+        ),
+        (
+            "merge_method: lines\nbase_model: a/c\nlines: {alpha: 0.5, beta: 0.5}\n"
+            "models:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "recipe.yaml:3: lines: lines scales its layers itself: set alpha and beta under 'parameters'",
+        ),
+        (
+            "merge_method: ties\nbase_model: a/c\nlines: {alpha: .nan, beta: 0.5}\n"
+            "models:\n  - model: a/b\n    parameters: {weight: 1}\n",
+            "recipe.yaml:3: lines.alpha:",
+        ),
         ("- just\n- a list\n", "expected a mapping"),
         ("", "the file is empty"),
     ],
