@@ -9,7 +9,7 @@ is reused; a changed recipe or setting is redone. Kill it anywhere and run again
     moes:                               # mixtures of experts (mergekit-moe configs), built into work_dir/models/<name>
       - config: ../recipes/moe/biomistral-instruct-moe.yaml
         train_router: {data: medmcqa, epochs: 3}   # optional: also <name>_router, its routers trained
-    models: [BioMistral/BioMistral-7B]  # evaluated as they are (hub ids or directories)
+    models: [BioMistral/BioMistral-7B]  # evaluated as they are (hub ids or directories; BASE+ADAPTER: a LoRA on top)
     tasks: [medmerge_bioinstructqa]
     data_dir: null                      # a dataset mirror (MEDMERGE_DATA_DIR) for these evaluations only
     note: ""                            # a line under the report's title (default: shot sets and this file)
@@ -39,8 +39,9 @@ from medmerge.router_training import RouterSettings
 from medmerge_common.errors import UserError
 from medmerge_common.outdir import atomic_output_dir
 from medmerge_tasks.corpora import BIOINSTRUCTQA_SHOT_SETS
+from merge.io.lora import split_adapter
 from merge.moe.config import load_moe_config
-from merge.recipe import load_recipe
+from merge.recipe import load_recipe, model_ref_problem
 from merge.run import Progress, run_merge
 from merge.yamlfile import field_name, line_of, load_yaml, validate_model
 
@@ -135,7 +136,21 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
         if not (base / file).is_file():
             raise error(f"{what} file {file} not found", key, i, *([subkey] if subkey else []))
         load(base / file)
+    for i, model in enumerate(experiment.models):
+        located = "+".join(_located(ref, base) for ref in _refs(model))
+        if split_adapter(model)[1] is not None and (problem := model_ref_problem(located)):
+            raise error(problem, "models", i)
     for i, ensemble in enumerate(experiment.ensembles):
+        for j, member in enumerate(ensemble.members):
+            if "+" in member:
+                raise error(
+                    f"'{member}': an ensemble's members are models whole; merge the adapter into its base first "
+                    "(a passthrough recipe of BASE+ADAPTER) and name that recipe's arm",
+                    "ensembles",
+                    i,
+                    "members",
+                    j,
+                )
         if ensemble.weights is not None and len(ensemble.weights) != len(ensemble.members):
             raise error(
                 f"{len(ensemble.members)} members but {len(ensemble.weights)} weights", "ensembles", i, "weights"
@@ -177,8 +192,19 @@ def fusion_arm_names(fusion: FusionArm) -> list[str]:
 
 def arm_name(model: str, base: Path) -> str:
     """What a plain model is called in the work directory and the report: a local directory by its name, a hub
-    id as it is."""
-    return Path(model).name if (base / model).exists() else model
+    id as it is; BASE+ADAPTER as the two joined by '+'."""
+    return "+".join(Path(ref).name if (base / ref).exists() else ref for ref in _refs(model))
+
+
+def _refs(model: str) -> list[str]:
+    """A model reference's parts: [model], or [base, adapter] for BASE+ADAPTER."""
+    base_model, adapter = split_adapter(model)
+    return [base_model] if adapter is None else [base_model, adapter]
+
+
+def _located(ref: str, base: Path) -> str:
+    """A model or adapter: a directory relative to the experiment file's, resolved, or a hub id as it is."""
+    return str((base / ref).resolve()) if (base / ref).exists() else ref
 
 
 @dataclass
@@ -370,10 +396,15 @@ def _build_moe(
 
 
 def _plain_model(model: str, base: Path) -> Candidate:
-    """A model evaluated as it is: a directory (relative to the experiment file) or a hub id."""
-    local = base / model
-    pretrained = str(local.resolve()) if local.exists() else model
-    return Candidate(pretrained, _digest(pretrained))
+    """A model evaluated as it is: a directory (relative to the experiment file) or a hub id; BASE+ADAPTER is the
+    base with the PEFT adapter applied by lm-eval (its `peft` argument), no merged copy written."""
+    parts = [_located(ref, base) for ref in _refs(model)]
+    if len(parts) == 1:
+        return Candidate(parts[0], _digest(parts[0]))
+    pretrained, adapter = parts
+    return Candidate(
+        pretrained, _digest(pretrained, adapter), model_args={"peft": adapter}, label=arm_name(model, base)
+    )
 
 
 def _ensemble(ensemble: EnsembleArm, candidates: dict[str, Candidate], base: Path) -> Candidate:

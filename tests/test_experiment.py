@@ -274,3 +274,54 @@ def test_lm_eval_command_is_what_evaluate_runs(monkeypatch: pytest.MonkeyPatch, 
     assert args.tasks == tasks and args.metadata == seen["metadata"]
     assert (args.device, int(args.batch_size), float(args.limit)) == ("cpu", 4, 3.0)
     assert args.log_samples and args.output_path == str(tmp_path / "o")
+
+
+def test_a_lora_parent_is_evaluated_as_its_base_with_the_adapter(tiny, tmp_path: Path) -> None:
+    """`models: [BASE+ADAPTER]` runs lm-eval's hf model with `peft=ADAPTER`: the same answers as the adapter merged
+    into its base by medmerge (a passthrough recipe of BASE+ADAPTER), with no merged copy written for it."""
+    from medmerge import fixtures
+    from medmerge.tiny import build_lora
+
+    build_lora(tiny["base"], tmp_path / "lora", seed=5, target_modules=["q_proj", "v_proj", "up_proj"])
+    (tmp_path / "base").symlink_to(tiny["base"])
+    recipe = {"merge_method": "passthrough", "models": [{"model": f"{tiny['base']}+{tmp_path / 'lora'}"}]}
+    (tmp_path / "merged.yaml").write_text(yaml.safe_dump(recipe))
+    spec = {
+        "work_dir": "work",
+        "recipes": ["merged.yaml"],
+        "models": ["base+lora"],  # both parts relative to the experiment file
+        "tasks": ["medmerge_mmlu_anatomy", "medmerge_pubmedqa"],
+        "data_dir": str(fixtures.build_data_mirror(tmp_path / "mirror", per_corpus=3)),
+        "lm_eval": {"device": "cpu", "dtype": "float32", "batch_size": 4},
+    }
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_experiment(path, say=lambda _: None)
+    work = tmp_path / "work"
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["merged"]  # the adapter arm merges nothing
+
+    def answers(arm: str) -> list[tuple[str, list]]:
+        samples = sorted((work / "results" / arm / "shotset1").rglob("samples_*.jsonl"))
+        rows = [json.loads(line) for f in samples for line in f.read_text().splitlines()]
+        return [(r["doc_id"], [round(float(x[0]), 3) for x in r["filtered_resps"]]) for r in rows]
+
+    assert answers("base+lora") == answers("merged") and answers("merged")
+    assert "| base+lora |" in (work / "report" / "leaderboard.md").read_text()
+
+
+def test_a_missing_adapter_or_an_adapter_in_an_ensemble_is_one_line(tmp_path: Path) -> None:
+    from medmerge.experiment import load_experiment
+    from medmerge_common.errors import UserError
+
+    path = tmp_path / "experiment.yaml"
+    cases = {
+        "models: [org/base+./no/such/lora]\n": f"{path}:3: models[0]: adapter './no/such/lora' is neither",
+        "ensembles:\n  - {name: e, members: [org/a, org/base+org/lora]}\n": (
+            f"{path}:4: ensembles[0].members[1]: 'org/base+org/lora': an ensemble's members are models whole"
+        ),
+    }
+    for text, expected in cases.items():
+        path.write_text("work_dir: w\ntasks: [medmerge_mmlu_anatomy]\n" + text)
+        with pytest.raises(UserError) as caught:
+            load_experiment(path)
+        assert expected in str(caught.value), (text, str(caught.value))
