@@ -298,6 +298,10 @@ def test_best_recipe_merged_and_reported_on_test_tasks(tiny, mirror, tmp_path):
         write(tmp_path / "s.yaml", data), tmp_path / "out", merge_best=tmp_path / "best", say=lambda _: None
     )
     merged = load_weights(tmp_path / "best")
+    final = tmp_path / "out" / "final" / "models" / "best"  # merged once, for the report; --merge-best links it
+    for file in (tmp_path / "best").iterdir():
+        assert file.stat().st_ino == (final / file.name).stat().st_ino, file.name
+    assert {f.name for f in (tmp_path / "best").iterdir()} == {f.name for f in final.iterdir()} - {".medmerge_key"}
     run_merge(tmp_path / "out" / "best.yaml", tmp_path / "again")
     assert all(torch.equal(merged[n], t) for n, t in load_weights(tmp_path / "again").items())
     assert outcome.report is not None

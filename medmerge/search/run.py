@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -237,17 +238,41 @@ def run_search(
         say(f"start point (trial 1): fitness {start.fitness:.4f}")
     gain = f" ({best.fitness - start.fitness:+.4f} over the start point)" if start is not None else ""
     say(f"best: trial {best.trial + 1}, fitness {best.fitness:.4f}{gain}; recipe {best_recipe}")
-    if best_dir is not None:
-        run_merge(
-            space.recipe(best.point),
-            best_dir,
-            device=settings.merge.device,
-            seed=settings.merge.seed,
-            warn=say,
-        )
-        say(f"merged the best recipe into {best_dir}")
-    report = _final_evaluation(space, best, start, best_recipe, out, data_dir, say) if settings.test_tasks else None
+    report = None
+    try:
+        if settings.test_tasks:
+            report = _final_evaluation(space, best, start, best_recipe, out, data_dir, say)
+    finally:  # the best model is the user's even when the final evaluation fails
+        if best_dir is not None:
+            _merge_best(space, best, best_recipe, out, best_dir, say)
     return SearchOutcome(best, start, trials, best_recipe, report)
+
+
+def _merge_best(space: SearchSpace, best: Trial, best_recipe: Path, out: Path, best_dir: Path, say: Say) -> None:
+    """--merge-best: the final report's merge of the best recipe, linked into `best_dir` (the same bytes: one
+    merge, not two); merged afresh when there is none."""
+    from medmerge.experiment import KEY_FILE
+    from medmerge_common.outdir import atomic_output_dir
+
+    merged = out / "final" / "models" / best_recipe.stem
+    if (merged / KEY_FILE).is_file():
+        with atomic_output_dir(best_dir, overwrite=False) as staging:
+            for file in merged.iterdir():
+                if file.is_file() and file.name != KEY_FILE:
+                    _link_or_copy(file, staging / file.name)
+        say(f"the best recipe's merge (the final report's) is in {best_dir}")
+        return
+    settings = space.settings
+    run_merge(space.recipe(best.point), best_dir, device=settings.merge.device, seed=settings.merge.seed, warn=say)
+    say(f"merged the best recipe into {best_dir}")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of a 7B model's shards), or a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _start_pool(
@@ -323,12 +348,10 @@ def _final_evaluation(
     from medmerge.experiment import run_experiment
 
     settings = space.settings
-    parents = []
-    for ref in space.recipe(best.point).model_refs():
-        if "+" in ref:
-            say(f"the final report leaves out parent {ref}: a LoRA input is not evaluated on its own yet")
-            continue
-        parents.append(str(Path(ref).resolve()) if Path(ref).exists() else ref)
+    parents = [  # a LoRA parent, BASE+ADAPTER, is evaluated with lm-eval's peft argument
+        "+".join(str(Path(part).resolve()) if Path(part).exists() else part for part in ref.split("+"))
+        for ref in space.recipe(best.point).model_refs()
+    ]
     final = out / "final"
     final.mkdir(exist_ok=True)
     experiment = {
