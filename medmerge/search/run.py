@@ -31,6 +31,7 @@ from medmerge.search.optimizers import make_optimizer
 from medmerge.search.space import Point, SearchSpace, load_search, seconds
 from medmerge.search.trials import TrialResult, TrialWorker, check_fitness_tasks, task_manager
 from medmerge_common.errors import UserError
+from merge.io.lora import split_adapter
 from merge.run import run_merge
 
 Say = Callable[[str], None]
@@ -349,7 +350,7 @@ def _final_evaluation(
 
     settings = space.settings
     parents = [  # a LoRA parent, BASE+ADAPTER, is evaluated with lm-eval's peft argument
-        "+".join(str(Path(part).resolve()) if Path(part).exists() else part for part in ref.split("+"))
+        "+".join(str(Path(part).resolve()) if Path(part).exists() else part for part in split_adapter(ref) if part)
         for ref in space.recipe(best.point).model_refs()
     ]
     final = out / "final"
