@@ -425,10 +425,10 @@ def _train_fusions(
     """Train each combiner of a fusion arm unless up to date (the members run once: their outputs are cached in
     work_dir/fusion_cache unless the config names a cache)."""
     from medmerge.fusion.train import train_fusion
-    from medmerge_tasks.fusion.features import fingerprint, member_directory
+    from medmerge_tasks.fusion.features import member_fingerprint
 
     config = load_fusion_config(base / fusion.config)
-    members = [fingerprint(member_directory(m)) for m in config.members]
+    members = [member_fingerprint(m) for m in config.members]
     arms = {}
     for combiner, name in zip(fusion.combiners, fusion_arm_names(fusion)):
         settings = config.model_copy(

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from medmerge import fixtures
 from medmerge.cli import main
@@ -113,6 +115,30 @@ def test_members_features_are_what_lm_evals_hf_model_scores(members: dict[str, P
     assert torch.allclose(features["loglikelihoods"], expected, atol=1e-4)
     shift = features["option_logits"] - features["loglikelihoods"]  # log Σ exp(all logits), one per question
     assert torch.allclose(shift, shift[:, :1].expand(-1, 4), atol=1e-4)
+
+
+def test_a_lora_member_is_its_base_with_the_adapter(members: dict[str, Path], tmp_path: Path) -> None:
+    """A BASE+ADAPTER member scores as the adapter merged into its base (PEFT's merge_and_unload, as a passthrough
+    recipe of BASE+ADAPTER writes it), and its identity changes with the adapter's weights and config."""
+    from medmerge.labelled import labelled_prompts
+    from medmerge.tiny import build_lora, merged_lora_state
+    from medmerge_tasks.fusion.features import Member, member_features, member_fingerprint
+
+    build_lora(members["a"], tmp_path / "lora", seed=3, target_modules=["q_proj", "v_proj", "up_proj"])
+    merged = tmp_path / "merged"
+    shutil.copytree(members["a"], merged)
+    for f in merged.glob("*.safetensors"):
+        f.unlink()
+    save_file(merged_lora_state(members["a"], tmp_path / "lora"), merged / "model.safetensors")
+    prompts = labelled_prompts(str(write_questions(tmp_path / "q.jsonl", 6, seed=2)), "data")
+    lora = Member(pretrained=f"{members['a']}+{tmp_path / 'lora'}")
+    with_adapter, identity, _ = member_features(lora, prompts, device="cpu", batch_size=4, cache=None)
+    as_merged, _, _ = member_features(Member(pretrained=str(merged)), prompts, device="cpu", batch_size=4, cache=None)
+    assert torch.allclose(with_adapter["loglikelihoods"], as_merged["loglikelihoods"], atol=1e-4)
+    assert identity == member_fingerprint(lora) != member_fingerprint(Member(pretrained=str(members["a"])))
+    config = tmp_path / "lora" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"lora_alpha": 16}))
+    assert member_fingerprint(lora) != identity  # the same weights, scaled otherwise: another member
 
 
 def test_train_twice_runs_the_members_once_then_lm_eval_scores_what_was_trained(

@@ -44,7 +44,14 @@ from medmerge_common.errors import UserError
 from medmerge_common.outdir import Say, atomic_output_dir, check_output_dir
 from medmerge_common.quantization import check_quantization
 from medmerge_tasks.fusion.combiners import build_combiner
-from medmerge_tasks.fusion.features import FEATURES, FeatureCache, Member, member_directory, member_features
+from medmerge_tasks.fusion.features import (
+    FEATURES,
+    FeatureCache,
+    Member,
+    adapter_directory,
+    member_directory,
+    member_features,
+)
 from medmerge_tasks.fusion.saved import COMBINER_FILE, FORMAT, FUSION_FILE
 from merge.run import Progress, check_device
 from merge.yamlfile import load_yaml, validate_model
@@ -109,7 +116,10 @@ def resolve_paths(config: FusionConfig, base: Path) -> FusionConfig:
             return ref
         return str((base / ref).resolve()) if (base / ref).exists() else ref
 
-    members = [m.model_copy(update={"pretrained": local(m.pretrained)}) for m in config.members]
+    def located(member: Member) -> str:  # BASE+ADAPTER: each part on its own
+        return "+".join(local(part) or "" for part in (member.base, member.adapter) if part)
+
+    members = [m.model_copy(update={"pretrained": located(m)}) for m in config.members]
     return config.model_copy(
         update={"members": members, "data": local(config.data), "validation_data": local(config.validation_data)}
     )
@@ -155,7 +165,8 @@ def train_fusion(
         if member.quantization:
             check_quantization(member.quantization)
     directories = [member_directory(m) for m in config.members]
-    check_output_dir(out, overwrite, markers=[FUSION_FILE], inputs=directories)
+    adapters = [a for a in map(adapter_directory, config.members) if a is not None]
+    check_output_dir(out, overwrite, markers=[FUSION_FILE], inputs=directories + adapters)
     train = labelled_prompts(config.data, "data")
     validation = labelled_prompts(config.validation_data, "validation_data") if config.validation_data else None
     train, validation = split_labelled(

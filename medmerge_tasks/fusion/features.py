@@ -45,7 +45,8 @@ Step = Callable[[int, int], None]
 
 
 class Member(BaseModel):
-    """One member model: a directory or hub id, loaded as lm-eval's `hf` / `medmerge-hf` would load it."""
+    """One member model: a directory or hub id, loaded as lm-eval's `hf` / `medmerge-hf` would load it; BASE+ADAPTER
+    is the base with a PEFT adapter on top (lm-eval's `peft`)."""
 
     model_config = ConfigDict(extra="forbid")
     pretrained: str
@@ -55,18 +56,32 @@ class Member(BaseModel):
     def torch_dtype(self, device: str) -> torch.dtype:
         return model_dtype(self.dtype, device)
 
+    @property
+    def base(self) -> str:
+        return self.pretrained.partition("+")[0]
+
+    @property
+    def adapter(self) -> str | None:
+        return self.pretrained.partition("+")[2] or None
+
 
 def member_directory(member: Member) -> Path:
-    """The member's local files: a directory, its copy under $MEDMERGE_MODEL_DIR, or the hub's snapshot
-    (downloaded, or found in the hub cache offline)."""
-    from huggingface_hub import snapshot_download
+    """The member's (base model's) local files: a directory, its copy under $MEDMERGE_MODEL_DIR, or the hub's
+    snapshot (downloaded, or found in the hub cache offline)."""
+    return _files(member.base)
 
-    ref = member.pretrained
-    if "+" in ref:
-        raise UserError(f"{ref}: a BASE+ADAPTER member is not supported; merge the adapter first")
+
+def adapter_directory(member: Member) -> Path | None:
+    """The member's adapter files (BASE+ADAPTER), found as a model's are; None without one."""
+    return None if member.adapter is None else _files(member.adapter)
+
+
+def _files(ref: str) -> Path:
     directory = local_dir(ref)
     if directory is not None:
         return directory
+    from huggingface_hub import snapshot_download
+
     repo, revision = split_ref(ref)
     try:
         return Path(snapshot_download(repo, revision=revision, local_files_only=not hub_reachable()))
@@ -93,6 +108,18 @@ def fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:32]
 
 
+def member_fingerprint(member: Member, directory: Path | None = None) -> str:
+    """The member's identity: its base's fingerprint, and with an adapter, the adapter's (its adapter_config.json
+    and weights) folded in. `directory`: the base's files, where the caller has already found them."""
+    identity = fingerprint(directory or member_directory(member))
+    adapter = adapter_directory(member)
+    if adapter is None:
+        return identity
+    config = adapter / "adapter_config.json"
+    folded = [identity, fingerprint(adapter), config.read_text() if config.is_file() else ""]
+    return hashlib.sha256("\0".join(folded).encode()).hexdigest()[:32]
+
+
 def question_key(question: EncodedQuestion) -> bytes:
     """16 bytes naming what a member's features of a question depend on: its inputs, options and label."""
     text = json.dumps([question.inputs, question.option_input, question.option_tokens, question.gold])
@@ -105,6 +132,11 @@ def load_member(member: Member, directory: Path, device: str) -> tuple[Any, Any]
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = load_causal_lm(str(directory), member.torch_dtype(device), device, member.quantization)
+    adapter = adapter_directory(member)
+    if adapter is not None:  # as lm-eval's hf model applies `peft`: the adapter on top, not merged in
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
     return model, tokenizer
 
 
@@ -186,7 +218,7 @@ def member_features(
     from transformers import AutoTokenizer
 
     directory = directory or member_directory(member)
-    identity = fingerprint(directory)
+    identity = member_fingerprint(member, directory)
     questions = encode_prompts(AutoTokenizer.from_pretrained(str(directory)), prompts)
     keys = [question_key(q) for q in questions]
     cached = cache.lookup(member, identity, device) if cache else {}

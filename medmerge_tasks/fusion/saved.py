@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from medmerge_tasks.fusion.combiners import build_combiner
-from medmerge_tasks.fusion.features import Member, fingerprint, member_directory
+from medmerge_tasks.fusion.features import Member, member_fingerprint
 
 FUSION_FILE = "fusion.json"  # marks a directory `medmerge fuse train` wrote
 COMBINER_FILE = "combiner.safetensors"
@@ -51,7 +51,7 @@ def load_fusion(directory: str | Path, members: list[str] | None = None) -> Fusi
             raise ValueError(f"{path}: trained with {len(record['members'])} members, {len(members)} given")
         record["members"] = [m | {"pretrained": p} for m, p in zip(record["members"], members)]
     for i, m in enumerate(record["members"], 1):
-        found = fingerprint(member_directory(Member(pretrained=m["pretrained"])))
+        found = member_fingerprint(Member(pretrained=m["pretrained"]))
         if found != m["fingerprint"]:
             raise ValueError(
                 f"{path}: member {i} ({m['pretrained']}) is not the model this combiner was trained on "
