@@ -137,8 +137,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
             raise error(f"{what} file {file} not found", key, i, *([subkey] if subkey else []))
         load(base / file)
     for i, model in enumerate(experiment.models):
-        located = "+".join(_located(ref, base) for ref in _refs(model))
-        if split_adapter(model)[1] is not None and (problem := model_ref_problem(located)):
+        if split_adapter(model)[1] is not None and (problem := model_ref_problem(located_model(model, base))):
             raise error(problem, "models", i)
     for i, ensemble in enumerate(experiment.ensembles):
         for j, member in enumerate(ensemble.members):
@@ -200,6 +199,11 @@ def _refs(model: str) -> list[str]:
     """A model reference's parts: [model], or [base, adapter] for BASE+ADAPTER."""
     base_model, adapter = split_adapter(model)
     return [base_model] if adapter is None else [base_model, adapter]
+
+
+def located_model(model: str, base: Path) -> str:
+    """`model` with each part (a model, or BASE and ADAPTER) that is a directory relative to `base` resolved."""
+    return "+".join(_located(ref, base) for ref in _refs(model))
 
 
 def _located(ref: str, base: Path) -> str:

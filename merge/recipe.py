@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from medmerge_common.errors import Problem, UserError, did_you_mean
 from merge.io.lora import split_adapter
-from merge.methods import METHODS, REQUIRED, Method
+from merge.methods import LINES_PARAMS, METHODS, REQUIRED, Method
 from merge.params import check_setting, convert
 from merge.yamlfile import Path_, field_name, line_of, parse_yaml, read_text, validate_model
 
@@ -220,12 +220,13 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
     out += _check_tokenizer(r)
 
     if r.layer_scaling is not None and method.param("lambda") is None:
+        takers = [name for name, m in METHODS.items() if m.param("lambda") and not _scales_layers(m)]
         problem(
             f"lines scales a task-vector method's merged task vector; {method.name} has none "
-            f"(use it with {', '.join(m for m, spec in METHODS.items() if spec.param('lambda') and m != 'lines')})",
+            f"(use it with {', '.join(takers)})",
             "lines",
         )
-    elif r.layer_scaling is not None and method.param("alpha") is not None:
+    elif r.layer_scaling is not None and _scales_layers(method):
         problem(f"{method.name} scales its layers itself: set alpha and beta under 'parameters'", "lines")
     if r.chat_template and r.chat_template != "chatml" and "{" not in r.chat_template:
         problem("chat_template must be 'chatml' or a Jinja template string", "chat_template")
@@ -310,6 +311,11 @@ def check_recipe(r: Recipe) -> tuple[list[Problem], list[Problem]]:
                 )
     out += _check_required(r, method)
     return out, warnings
+
+
+def _scales_layers(method: Method) -> bool:
+    """Whether the method takes LiNeS's alpha and beta itself (the `lines` method)."""
+    return any(p in method.params for p in LINES_PARAMS)
 
 
 def model_ref_problem(ref: str) -> str | None:

@@ -31,7 +31,6 @@ from medmerge.search.optimizers import make_optimizer
 from medmerge.search.space import Point, SearchSpace, load_search, seconds
 from medmerge.search.trials import TrialResult, TrialWorker, check_fitness_tasks, task_manager
 from medmerge_common.errors import UserError
-from merge.io.lora import split_adapter
 from merge.run import run_merge
 
 Say = Callable[[str], None]
@@ -346,13 +345,11 @@ def _final_evaluation(
     """The best recipe merged and evaluated on the test tasks beside its parents (and the start point's recipe,
     unless it is the best), as an ordinary `medmerge run` experiment in OUT/final (resumable; paired tests in its
     report)."""
-    from medmerge.experiment import run_experiment
+    from medmerge.experiment import located_model, run_experiment
 
     settings = space.settings
-    parents = [  # a LoRA parent, BASE+ADAPTER, is evaluated with lm-eval's peft argument
-        "+".join(str(Path(part).resolve()) if Path(part).exists() else part for part in split_adapter(ref) if part)
-        for ref in space.recipe(best.point).model_refs()
-    ]
+    # absolute, for an experiment file in OUT/final; a LoRA parent, BASE+ADAPTER, is evaluated with lm-eval's peft
+    parents = [located_model(ref, Path.cwd()) for ref in space.recipe(best.point).model_refs()]
     final = out / "final"
     final.mkdir(exist_ok=True)
     experiment = {
