@@ -3,7 +3,9 @@ calls and no arithmetic. `merge_bench.py` times it beside the merges; a merge ca
 
     python benchmarks/io_floor.py OUT_DIR MODEL_DIR [MODEL_DIR ...]
 
-Output shards follow the first model's; each is written once its tensors are read (one shard in memory).
+Output shards follow the first model's; each is written once its tensors are read (one shard in memory). Every
+tensor is copied into memory (safetensors' `get_tensor` only maps the file: a tensor nobody touches is never
+read, which made earlier floors count one model's reads, not three).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def copy_through(out: Path, models: list[Path]) -> None:
                 with safe_open(model / file, "pt") as f:
                     for name in names:
                         if files[name] == file:
-                            tensor = f.get_tensor(name)
+                            # get_tensor maps the file without reading it: clone() reads the bytes into memory
+                            tensor = f.get_tensor(name).clone()
                             if model == models[0]:
                                 kept[name] = tensor
         save_file(kept, out / shard, metadata={"format": "pt"})

@@ -225,8 +225,8 @@ def _task_vectors(
     sparsification: Sparsification, consensus: bool, tall: bool, lines: bool, c: MergeCall
 ) -> torch.Tensor:
     """θ_base + λ [· LiNeS scale] · combine(w_i · sparsify(τ_i) [⊙ m_consensus]), see
-    merge/methods/task_vectors.py. bfloat16 on the CPU with no sparsification, TIES's or DARE's runs fused
-    (merge/methods/fused_bf16.py), to the same bits."""
+    merge/methods/task_vectors.py. bfloat16 on the CPU with no sparsification, TIES's, Breadcrumbs' or DARE's runs
+    fused (merge/methods/fused_bf16.py), to the same bits."""
     from merge.methods import fused_bf16  # numba: imported when a task-vector merge runs, not on every command
 
     base, others, per_model = c.base_and_others()
@@ -249,12 +249,14 @@ def _task_vectors(
     keys = []
     if sparsification == "random":
         keys = [int(k) for k in c.rng.integers(2**64, size=len(others), dtype=np.uint64)]
-    if mask is None and sparsification in (None, "magnitude", "random") and fused_bf16.applies(base, others):
+    fusable = (None, "magnitude", "random", "magnitude_outliers")
+    if mask is None and sparsification in fusable and fused_bf16.applies(base, others):
         return fused_bf16.fused_task_vectors(
             base,
             others,
             weights,
-            magnitude_densities=densities if sparsification == "magnitude" else None,
+            magnitude_densities=densities if sparsification in ("magnitude", "magnitude_outliers") else None,
+            band_gammas=[p["gamma"] for p in per_model] if sparsification == "magnitude_outliers" else None,
             random_keys=keys or None,
             random_densities=densities if sparsification == "random" else None,
             rescale=rescale if sparsification else None,

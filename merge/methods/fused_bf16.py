@@ -1,6 +1,7 @@
 """The task-vector pipeline of merge/methods/task_vectors.py for bfloat16 tensors on the CPU, fused into compiled
-passes (numba): bit for bit the same results as `merge_task_vectors` with `magnitude_prune` (TIES), DARE's
-`random_prune` or no sparsification, and `rescale_l1` / the 1/density rescale (tests/merge/test_fused_bf16.py).
+passes (numba): bit for bit the same results as `merge_task_vectors` with `magnitude_prune` (TIES),
+`outlier_prune` (Breadcrumbs), DARE's `random_prune` or no sparsification, and `rescale_l1` / the 1/density rescale
+(tests/merge/test_fused_bf16.py). Also DELLA's per-row ranks of 16-bit magnitudes (`row_ranks`, a radix sort).
 
     τ_i = θ_i − θ_base,  τ̂_i = m_i ⊙ τ_i (· s_i),  δ_i = w_i τ̂_i
     θ   = θ_base + λ · Σ_i δ_i [sgn δ_i = γ] / Σ_i w_i [sgn δ_i = γ],   γ = sgn Σ_i δ_i   (TIES)
@@ -9,7 +10,8 @@ passes (numba): bit for bit the same results as `merge_task_vectors` with `magni
 torch runs that chain as about thirty elementwise passes, each converting bfloat16 to float32 and back. Here each
 entry is read once, carried in float32 and rounded to bfloat16 exactly where torch rounds (round to nearest even,
 NaN to 0x7FC0), so the two agree to the bit. A TIES trim needs one histogram pass per model first (its threshold
-is an order statistic of |τ_i|), and so does DARE's L1 rescale (both norms from one histogram). Work is split into
+is an order statistic of |τ_i|; Breadcrumbs' band has two), and so does DARE's L1 rescale (both norms from one
+histogram). Work is split into
 contiguous ranges run on torch's thread count (the kernels release the GIL); every range computes the same values,
 so results do not depend on the thread count. The kernels compile on first use after an install (about 10 s on
 2 cores) and are cached by numba after that.
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 from numba import njit
 
-from merge.methods.task_vectors import exact_sum, l1_ratio
+from merge.methods.task_vectors import EMPTY_BAND, band_counts, exact_sum, infinity_bits, l1_ratio, rank_band
 
-ALL, MAGNITUDE, RANDOM = 0, 1, 2  # what m_i keeps: everything, TIES's top-k |τ|, DARE's Bernoulli draw
+# what m_i keeps: everything, TIES's top-k |τ|, DARE's Bernoulli draw, Breadcrumbs' band of |τ| ranks
+ALL, MAGNITUDE, RANDOM, BAND = 0, 1, 2, 3
 ROW = 4096  # entries per inner block: the k weighted deltas of a block stay in L1/L2 cache
 MIN_PARALLEL = 1 << 16  # smaller tensors run in the calling thread
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -137,6 +140,49 @@ def _nth_equal(base: np.ndarray, other: np.ndarray, magnitude: np.uint16, nth: i
     return -1
 
 
+@njit(nogil=True, cache=True)
+def _row_ranks_range(keys: np.ndarray, infinity: np.uint16, ranks: np.ndarray, lo: int, hi: int) -> None:
+    """ranks[r, j] = the ascending stable rank of keys[r, j] in its row, for rows lo..hi-1 of 16-bit |x| bit
+    patterns (which order like the values; every NaN pattern, above `infinity`'s, counts as 0x7FFF, as a sort
+    ranks NaNs equal and last): a two-pass (low byte, high byte) LSD radix sort per row, O(m)."""
+    m = keys.shape[1]
+    canonical = np.empty(m, np.uint16)
+    by_low = np.empty(m, np.int64)
+    order = np.empty(m, np.int64)
+    counts = np.empty(257, np.int64)
+    for r in range(lo, hi):
+        row = keys[r]
+        for j in range(m):
+            k = row[j]
+            canonical[j] = np.uint16(0x7FFF) if k > infinity else k
+        for byte in range(2):
+            shift = np.uint16(8 * byte)
+            source = by_low if byte else order  # pass 0 reads the identity order
+            target = order if byte else by_low
+            counts[:] = 0
+            for j in range(m):
+                counts[np.int64((canonical[j] >> shift) & np.uint16(0xFF)) + 1] += 1
+            for b in range(256):
+                counts[b + 1] += counts[b]
+            for p in range(m):
+                j = source[p] if byte else p
+                b = np.int64((canonical[j] >> shift) & np.uint16(0xFF))
+                target[counts[b]] = j
+                counts[b] += 1
+        for p in range(m):
+            ranks[r, order[p]] = p
+
+
+def row_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
+    """The ascending stable rank of every entry within its row of a 2-D 16-bit float tensor of magnitudes (no
+    negative values): what `torch.sort(x.float(), dim=1, stable=True)` ranks, without the sort (int64)."""
+    keys = magnitudes.contiguous().view(torch.int16).numpy().view(np.uint16)
+    infinity = np.uint16(infinity_bits(magnitudes.dtype))
+    ranks = np.empty(keys.shape, np.int64)
+    _parallel(lambda lo, hi: _row_ranks_range(keys, infinity, ranks, lo, hi), keys.shape[0], 1, keys.size)
+    return torch.from_numpy(ranks)
+
+
 @njit(inline="always")
 def _pruned(d: np.uint16, keep: bool, scale: np.float32, weight: np.float32) -> np.float32:
     """w_i · s_i · (m_i ⊙ τ_i) for one entry, rounded where torch rounds. The 0/1 mask is a product, as torch
@@ -154,6 +200,8 @@ def _combine_range(
     rule: np.ndarray,
     threshold: np.ndarray,
     cutoff: np.ndarray,
+    upper: np.ndarray,
+    upper_cutoff: np.ndarray,
     key: np.ndarray,
     limit: np.ndarray,
     scale: np.ndarray,
@@ -189,6 +237,25 @@ def _combine_range(
                 for jj in range(size):
                     d = _round(_value(other[jj]) - _value(base_row[jj]))
                     row[jj] = _pruned(d, (d & np.uint16(0x7FFF)) >= lowest, scale_i, weight_i)
+            elif rule[i] == BAND and (
+                0 <= cutoff[i] - start < size - 1 or 0 <= upper_cutoff[i] - start < size - 1
+            ):  # a row where the band's edges change: entries at `threshold` kept after `cutoff`, at `upper` up to
+                # `upper_cutoff`
+                low, high, after, through = np.int32(threshold[i]), upper[i], cutoff[i] - start, upper_cutoff[i] - start
+                for jj in range(size):
+                    d = _round(_value(other[jj]) - _value(base_row[jj]))
+                    magnitude = np.int32(d & np.uint16(0x7FFF))
+                    keep = ((magnitude > low) | ((magnitude == low) & (jj > after))) & (
+                        (magnitude < high) | ((magnitude == high) & (jj <= through))
+                    )
+                    row[jj] = _pruned(d, keep, scale_i, weight_i)
+            elif rule[i] == BAND:  # elsewhere each edge is kept whole or not at all: two comparisons
+                lowest = np.int32(threshold[i]) + (np.int32(0) if cutoff[i] < start else np.int32(1))
+                highest = upper[i] - (np.int32(0) if upper_cutoff[i] >= start + size - 1 else np.int32(1))
+                for jj in range(size):
+                    d = _round(_value(other[jj]) - _value(base_row[jj]))
+                    magnitude = np.int32(d & np.uint16(0x7FFF))
+                    row[jj] = _pruned(d, (magnitude >= lowest) & (magnitude <= highest), scale_i, weight_i)
             elif rule[i] == RANDOM:
                 _fill_draws(key[i], start, size, draws)
                 limit_i = limit[i]
@@ -240,16 +307,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="medmerge-fused")
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
+def _ranges(n: int, align: int = ROW, entries: int | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of n items (entries, or rows of `entries` entries in all), one per thread, each a multiple
+    of `align` long but the last."""
     threads = max(1, torch.get_num_threads())
-    if n < MIN_PARALLEL or threads == 1:
+    if (n if entries is None else entries) < MIN_PARALLEL or threads == 1:
         return [(0, n)]
-    step = -(-n // threads // ROW) * ROW
+    step = -(-n // threads // align) * align
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-def _parallel(run: Callable[[int, int], object], n: int) -> list[object]:
-    ranges = _ranges(n)
+def _parallel(run: Callable[[int, int], object], n: int, align: int = ROW, entries: int | None = None) -> list[object]:
+    ranges = _ranges(n, align, entries)
     if len(ranges) == 1:
         return [run(*ranges[0])]
     return list(_pool(len(ranges)).map(lambda r: run(*r), ranges))
@@ -283,8 +352,10 @@ class _Model:
     """What the combine pass needs to know about model i's sparsification and rescale."""
 
     rule: int = ALL
-    threshold: int = 0
-    cutoff: int = -1
+    threshold: int = 0  # MAGNITUDE: the lowest kept |τ| bits; BAND: the band's low edge
+    cutoff: int = -1  # MAGNITUDE: the last kept entry at `threshold`; BAND: the last dropped one (-1: none)
+    upper: int = 0  # BAND: the band's high edge
+    upper_cutoff: int = -1  # BAND: the last kept entry at `upper`
     key: int = 0
     limit: int = 0
     scale: float = 1.0
@@ -307,6 +378,18 @@ def _l1_scale(counts: np.ndarray, kept: np.ndarray) -> float:
     return 1.0 if ratio is None else ratio
 
 
+def _nth_at(base: np.ndarray, other: np.ndarray, parts: list[np.ndarray], magnitude: int, nth: int) -> int:
+    """The flat index of the nth (1-based) entry whose |τ| has bits `magnitude`, -1 for nth = 0: the range of
+    `_ranges` that holds it (from the per-range histograms `parts`), then the entry."""
+    if nth <= 0:
+        return -1
+    for (lo, hi), part in zip(_ranges(base.size), parts):
+        if nth <= part[magnitude]:
+            return _nth_equal(base, other, np.uint16(magnitude), nth, lo, hi)
+        nth -= int(part[magnitude])
+    raise AssertionError("the histogram counted more entries than there are")
+
+
 def _magnitude_model(base: np.ndarray, other: np.ndarray, density: float, rescale: bool) -> _Model:
     """TIES's trim as a (threshold bits, cutoff index) rule: magnitude_prune keeps |τ| bits above the threshold
     and the first entries at it in flat order, k = max(1, ⌊density·n⌋) in all."""
@@ -319,12 +402,7 @@ def _magnitude_model(base: np.ndarray, other: np.ndarray, density: float, rescal
     at_least = np.cumsum(counts[::-1])[::-1]
     threshold = int(np.nonzero(at_least >= k)[0].max())
     ties = k - (int(at_least[threshold + 1]) if threshold + 1 < at_least.size else 0)
-    cutoff, left = -1, ties
-    for (lo, hi), part in zip(_ranges(n), parts):  # the range holding the last kept tie, then the entry
-        if left <= part[threshold]:
-            cutoff = _nth_equal(base, other, np.uint16(threshold), left, lo, hi)
-            break
-        left -= int(part[threshold])
+    cutoff = _nth_at(base, other, parts, threshold, ties)
     scale = 1.0
     if rescale:
         kept = counts.copy()
@@ -332,6 +410,32 @@ def _magnitude_model(base: np.ndarray, other: np.ndarray, density: float, rescal
         kept[threshold] = ties  # dropped entries are finite, so they add only zeros to ‖τ̂‖₁
         scale = _l1_scale(counts, kept)
     return _Model(MAGNITUDE, threshold, cutoff, scale=scale)
+
+
+def _band_model(base: np.ndarray, other: np.ndarray, density: float, gamma: float, rescale: bool) -> _Model:
+    """Breadcrumbs' band of |τ| ranks (outlier_prune) as a (low edge, last dropped at it, high edge, last kept at
+    it) rule, from one histogram."""
+    n = base.size
+    if density >= 1:
+        return _Model()
+    k = int(density * n)
+    bottom = max(0, n - k - int(gamma * n))
+    parts = [p[: 1 << 15] for p in _counts(base, other, 0, 0, False)]
+    counts = sum(parts)
+    band = rank_band(torch.from_numpy(counts), bottom, bottom + k)
+    scale = 1.0
+    if rescale:
+        scale = _l1_scale(counts, band_counts(torch.from_numpy(counts), band).numpy())
+    if band == EMPTY_BAND:
+        return _Model(BAND, band.low, -1, band.high, -1, scale=scale)
+    return _Model(
+        BAND,
+        band.low,
+        _nth_at(base, other, parts, band.low, band.skip),
+        band.high,
+        _nth_at(base, other, parts, band.high, band.take),
+        scale=scale,
+    )
 
 
 def _random_model(base: np.ndarray, other: np.ndarray, key: int, density: float, rescale: str | None) -> _Model:
@@ -359,6 +463,7 @@ def fused_task_vectors(
     weights: Sequence[float],
     *,
     magnitude_densities: Sequence[float] | None = None,
+    band_gammas: Sequence[float] | None = None,
     random_keys: Sequence[int] | None = None,
     random_densities: Sequence[float] | None = None,
     rescale: str | None = None,
@@ -367,11 +472,16 @@ def fused_task_vectors(
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """merge_task_vectors(base, others, weights, prune=..., ...) for bfloat16 on the CPU, with no sparsification,
-    TIES's trim (`magnitude_densities`) or DARE's drop (`random_keys`, `random_densities`: bernoulli_keep's masks),
+    TIES's trim (`magnitude_densities`), Breadcrumbs' outlier_prune (the same with `band_gammas`) or DARE's drop
+    (`random_keys`, `random_densities`: bernoulli_keep's masks),
     each pruned τ̂_i rescaled by `rescale` ("l1", or "density" for DARE) when it was pruned."""
     flat_base = _bits(base)
     flats = [_bits(x) for x in others]
-    if magnitude_densities is not None:
+    if magnitude_densities is not None and band_gammas is not None:
+        models = [
+            _band_model(flat_base, x, d, g, rescale == "l1") for x, d, g in zip(flats, magnitude_densities, band_gammas)
+        ]
+    elif magnitude_densities is not None:
         models = [_magnitude_model(flat_base, x, d, rescale == "l1") for x, d in zip(flats, magnitude_densities)]
     elif random_keys is not None and random_densities is not None:
         models = [_random_model(flat_base, x, k, d, rescale) for x, k, d in zip(flats, random_keys, random_densities)]
@@ -391,6 +501,8 @@ def fused_task_vectors(
         np.array([m.rule for m in models], np.int64),
         np.array([m.threshold for m in models], np.uint16),
         np.array([m.cutoff for m in models], np.int64),
+        np.array([m.upper for m in models], np.int32),
+        np.array([m.upper_cutoff for m in models], np.int64),
         np.array([m.key for m in models], np.uint64),
         np.array([m.limit for m in models], np.uint64),
         np.array([m.scale for m in models], np.float32),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -105,17 +106,97 @@ def outlier_prune(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
 
     (fewer outliers are dropped when density + γ > 1, so k entries always survive). density ≥ 1 keeps
     everything, as mergekit does. Equal magnitudes rank by flat index (a stable sort), so the result is
-    deterministic; mergekit's unstable sort may pick other entries among ties at either edge."""
+    deterministic; mergekit's unstable sort may pick other entries among ties at either edge. 16-bit floats
+    rank by one histogram of their |τ| bit patterns instead of a sort (the same mask)."""
     if density >= 1:
         return delta
     n = delta.numel()
     k = int(density * n)
     bottom = max(0, n - k - int(gamma * n))
     flat = delta.reshape(-1)
+    if flat.element_size() == 2:
+        counts = _magnitude_counts(flat)
+        if not _odd_nans(counts, flat.dtype):
+            return (flat * _band_mask(flat, rank_band(counts, bottom, bottom + k))).reshape(delta.shape)
     order = torch.sort(flat.abs().float(), stable=True).indices
     keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
     keep[order[bottom : bottom + k]] = True
     return (flat * keep).reshape(delta.shape)
+
+
+@dataclass(frozen=True)
+class RankBand:
+    """The entries of ascending stable rank first ≤ r < end, by their 16-bit |τ| bit patterns: every entry strictly
+    between `low` and `high`; at `low`, all but the first `skip` in flat order; at `high`, only the first `take`
+    (both rules at once when low == high). Empty (low = high = 2¹⁵, no pattern) when first == end."""
+
+    low: int
+    skip: int
+    high: int
+    take: int
+
+
+EMPTY_BAND = RankBand(1 << 15, 0, 1 << 15, 0)
+
+
+def rank_band(counts: torch.Tensor, first: int, end: int) -> RankBand:
+    """RankBand of ranks [first, end) from a histogram of |τ| bit patterns (`_magnitude_counts`)."""
+    if end <= first:
+        return EMPTY_BAND
+    through = counts.cpu().cumsum(0)  # through[b] = #entries with bits <= b
+    low = int(torch.searchsorted(through, first, right=True))
+    high = int(torch.searchsorted(through, end - 1, right=True))
+    below = [int(through[b]) - int(counts[b]) for b in (low, high)]
+    return RankBand(low, first - below[0], high, end - below[1])
+
+
+def band_counts(counts: torch.Tensor, band: RankBand) -> torch.Tensor:
+    """The bfloat16 histogram of the band's entries as torch prunes them (a product with the mask: dropped Inf/NaN
+    become NaN, pattern 0x7FC0; dropped finite entries become zeros, which add nothing to an L1 norm)."""
+    kept = torch.zeros_like(counts)
+    if band.low < counts.numel():
+        kept[band.low : band.high + 1] = counts[band.low : band.high + 1]
+        if band.low == band.high:
+            kept[band.low] = band.take - band.skip
+        else:
+            kept[band.low] -= band.skip
+            kept[band.high] = band.take
+    kept[0x7FC0] += (counts[0x7F80:] - kept[0x7F80:]).sum()
+    return kept
+
+
+def infinity_bits(dtype: torch.dtype) -> int:
+    """The bit pattern of +Inf in a 16-bit float dtype: patterns above it are NaNs."""
+    return int(torch.tensor(float("inf"), dtype=dtype).view(torch.int16))
+
+
+def _odd_nans(counts: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a 16-bit |τ| holds NaNs of more than one bit pattern: they would rank by their payload, where a
+    sort ranks every NaN equal."""
+    return int((counts[infinity_bits(dtype) + 1 :] > 0).sum()) > 1
+
+
+def _band_mask(flat: torch.Tensor, band: RankBand) -> torch.Tensor:
+    """The boolean mask of a RankBand over a flat 16-bit tensor, a block at a time."""
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if band == EMPTY_BAND:
+        return keep
+    seen = dict.fromkeys((band.low, band.high), 0)  # entries met so far at each edge pattern
+    for block in _blocks(flat.numel()):
+        bits = flat[block].abs().view(torch.int16)
+        inside = (bits > band.low) & (bits < band.high)
+        for edge in seen:
+            at = (bits == edge).nonzero().reshape(-1)
+            order = torch.arange(seen[edge], seen[edge] + at.numel(), device=flat.device)
+            seen[edge] += at.numel()
+            kept = torch.ones_like(order, dtype=torch.bool)
+            if edge == band.low:
+                kept &= order >= band.skip
+            if edge == band.high:
+                kept &= order < band.take
+            inside[at[kept]] = True
+        keep[block] = inside
+    return keep
 
 
 def rank_random_prune(delta: torch.Tensor, density: float, epsilon: float, uniform: torch.Tensor) -> torch.Tensor:
@@ -130,10 +211,22 @@ def rank_random_prune(delta: torch.Tensor, density: float, epsilon: float, unifo
         return delta
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     m = rows.shape[1]
-    ranks = torch.sort(rows.abs().float(), dim=1, stable=True).indices.argsort(dim=1).float()
+    ranks = _row_ranks(rows.abs()).float()
     spread = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
     keep = uniform.to(delta.device).reshape(rows.shape) < (density - epsilon) + spread * (2 * epsilon)
     return (rows * keep).reshape(delta.shape)
+
+
+def _row_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Each entry's ascending stable rank within its row (int64): a radix sort of 16-bit patterns on the CPU,
+    else the inverse permutation of a stable sort."""
+    if magnitudes.element_size() == 2 and magnitudes.device.type == "cpu":
+        from merge.methods.fused_bf16 import row_ranks  # numba: compiled on first use
+
+        return row_ranks(magnitudes)
+    order = torch.sort(magnitudes.float(), dim=1, stable=True).indices
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def rescale_l1(delta: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The fused bfloat16 pipeline gives the torch pipeline's bits: every sparsification it takes, every rescale,
 sign consensus on and off, normalize, lambda, negative and zero weights, signed zeros, ties at the TIES
-threshold, NaN/Inf inputs (NaN compared as NaN: torch's own vectorised and scalar conversions write different
-NaN bits), and any thread count."""
+threshold and at both edges of Breadcrumbs' band, NaN/Inf inputs (NaN compared as NaN: torch's own vectorised
+and scalar conversions write different NaN bits), and any thread count."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from merge.methods import METHODS, MergeCall, fused_bf16
+from merge.methods import METHODS, REQUIRED, MergeCall, fused_bf16
 from merge.methods.fused_bf16 import applies, bernoulli_keep, fused_task_vectors
-from merge.methods.task_vectors import magnitude_prune, merge_task_vectors, random_prune, rescale_l1
+from merge.methods.task_vectors import magnitude_prune, merge_task_vectors, outlier_prune, random_prune, rescale_l1
 
 
-def torch_pipeline(base, others, weights, mode, densities, keys, rescale, consensus, normalize, lambda_):
+def torch_pipeline(base, others, weights, mode, densities, gammas, keys, rescale, consensus, normalize, lambda_):
     def prune(delta: torch.Tensor, i: int) -> torch.Tensor:
         if mode == "magnitude":
             pruned = magnitude_prune(delta, densities[i])
+        elif mode == "outliers":
+            pruned = outlier_prune(delta, densities[i], gammas[i])
         else:
             keep = None if densities[i] >= 1 else bernoulli_keep(keys[i], delta.numel(), densities[i])
             pruned = random_prune(delta, keep)
@@ -59,11 +61,12 @@ def case(seed: int) -> dict:
             x[3], x[5] = float("nan"), float("inf")
         others.append(x)
     k = len(others)
-    mode = rng.choice([None, "magnitude", "random"])
+    mode = rng.choice([None, "magnitude", "random", "outliers"])
     settings = dict(
         weights=[float(rng.choice([0.5, 1.0, 0.3, -0.7, 0.0, 2.0])) for _ in range(k)],
         mode=mode,
         densities=[float(rng.choice([0.1, 0.5, 0.53, 0.9, 1.0])) for _ in range(k)],
+        gammas=[float(rng.choice([0.0, 0.01, 0.1, 0.3])) for _ in range(k)],
         keys=[int(x) for x in rng.integers(0, 2**63, k)],
         rescale=rng.choice([None, "l1", *(["density"] if mode == "random" else [])]),
         consensus=bool(rng.integers(2)),
@@ -81,7 +84,8 @@ def fused(c: dict) -> torch.Tensor:
         c["base"],
         c["others"],
         c["weights"],
-        magnitude_densities=c["densities"] if mode == "magnitude" else None,
+        magnitude_densities=c["densities"] if mode in ("magnitude", "outliers") else None,
+        band_gammas=c["gammas"] if mode == "outliers" else None,
         random_keys=c["keys"] if mode == "random" else None,
         random_densities=c["densities"] if mode == "random" else None,
         rescale=c["rescale"],
@@ -102,7 +106,9 @@ def test_fused_equals_the_torch_pipeline_bit_for_bit(seeds: range) -> None:
 def test_fused_does_not_depend_on_the_thread_count() -> None:
     base = torch.randn(300_001).bfloat16()
     others = [base + (torch.randn(300_001) * 0.01).bfloat16() for _ in range(3)]
-    c = dict(base=base, others=others, weights=[0.5, 0.3, 1.0], densities=[0.5, 0.5, 0.2], keys=[1, 2, 3])
+    c = dict(
+        base=base, others=others, weights=[0.5, 0.3, 1.0], densities=[0.5, 0.5, 0.2], keys=[1, 2, 3], gammas=[0.1] * 3
+    )
     c.update(mode="magnitude", rescale="l1", consensus=True, normalize=True, lambda_=1.0)
     threads = torch.get_num_threads()
     try:
@@ -115,13 +121,14 @@ def test_fused_does_not_depend_on_the_thread_count() -> None:
     assert torch.equal(one.view(torch.int16), many.view(torch.int16))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs_ties"])
 def test_methods_give_the_same_bits_on_both_paths(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = torch.randn(64, 300).bfloat16()
     others = [base + (0.01 * torch.randn(64, 300)).bfloat16() for _ in range(2)]
     spec = METHODS[method]
     shared = {p.name: p.default for p in spec.params if not p.per_model}
-    per_model = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]
+    defaults = {p.name: p.default for p in spec.params if p.per_model and p.default is not REQUIRED}
+    per_model = [defaults | {"weight": 0.6, "density": 0.5}, defaults | {"weight": 0.4, "density": 0.7}]
 
     def apply() -> torch.Tensor:
         call = MergeCall([base, *others], 0, dict(shared), [{}, *per_model], np.random.default_rng(3))

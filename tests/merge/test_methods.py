@@ -22,8 +22,10 @@ from merge.methods.slerp import slerp
 from merge.methods.spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from merge.methods.task_vectors import (
     _magnitude_counts,
+    _row_ranks,
     consensus_mask,
     exact_sum,
+    infinity_bits,
     magnitude_prune,
     merge_task_vectors,
     outlier_prune,
@@ -296,6 +298,51 @@ def test_breadcrumbs_drops_the_outliers_and_the_smallest() -> None:
     assert torch.equal(outlier_prune(delta, 1.0, 0.1), delta)  # density 1 keeps everything, outliers too
     tied = torch.tensor([1.0, -1.0, 1.0, 2.0])  # ties rank by index: k 2, no outlier -> the last two in order
     assert torch.equal(outlier_prune(tied, 0.5, 0.0), torch.tensor([0.0, 0.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_breadcrumbs_16_bit_band_equals_the_stable_sort(dtype: torch.dtype) -> None:
+    """16-bit deltas rank by a histogram of their bit patterns; the mask is the stable sort's, ties at both edges
+    (few distinct values), blocks (2.5M entries), signed zeros and Inf/NaN included."""
+
+    def by_sort(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+        n, flat = delta.numel(), delta.reshape(-1)
+        k = int(density * n)
+        bottom = max(0, n - k - int(gamma * n))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.sort(flat.abs().float(), stable=True).indices[bottom : bottom + k]] = True
+        return flat * keep
+
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        n = int(rng.choice([1, 3, 10, 5000, 70_000, 2_500_000]))
+        levels = int(rng.choice([2, 5, 100_000]))
+        delta = torch.from_numpy(rng.integers(-levels, levels, n).astype(np.float32) * 1e-3).to(dtype)
+        if case % 4 == 0 and n > 7:
+            delta[2], delta[4], delta[5], delta[6] = float("inf"), float("nan"), -float("inf"), -0.0
+            if case % 8 == 0:  # a NaN of another payload: the sort ranks all NaNs equal, so the sort is used
+                delta.view(torch.int16)[7] = infinity_bits(dtype) + 5
+        density, gamma = float(rng.choice([0.01, 0.5, 0.95])), float(rng.choice([0.0, 0.01, 0.3]))
+        got, want = outlier_prune(delta, density, gamma), by_sort(delta, density, gamma)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (n, levels, density, gamma)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_della_ranks_equal_the_stable_sort(dtype: torch.dtype) -> None:
+    """DELLA's ranks within a row (a radix sort of 16-bit patterns, or the inverse of a stable sort) are the
+    stable sort's: ties by index, signed zeros equal, every NaN equal and last, whatever its payload."""
+    rng = np.random.default_rng(1)
+    for case in range(40):
+        rows, m = int(rng.choice([1, 3, 70])), int(rng.choice([1, 2, 300, 5000]))
+        levels = int(rng.choice([2, 5, 100_000]))
+        x = torch.from_numpy(rng.integers(-levels, levels, (rows, m)).astype(np.float32) * 1e-3).to(dtype)
+        if case % 3 == 0 and x.numel() > 8:
+            flat = x.view(-1)
+            flat[1], flat[3], flat[4], flat[7] = float("inf"), float("nan"), -float("nan"), -0.0
+            if dtype != torch.float32:
+                flat.view(torch.int16)[5] = infinity_bits(dtype) + 5
+        expected = torch.sort(x.abs().float(), dim=1, stable=True).indices.argsort(dim=1)
+        assert torch.equal(_row_ranks(x.abs()), expected), (rows, m, levels)
 
 
 def test_della_keeps_density_on_average_and_large_entries_more_often() -> None:
