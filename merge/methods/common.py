@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Entries processed at a time. Elementwise chains over 2**20 entries (4 MB of float32 scratch) stay in
@@ -18,3 +20,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class MergeError(ValueError):
     """Inputs a method cannot merge, found only once the tensors are read (the runner names the tensor)."""
+
+
+def blockwise(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, row: int = 1) -> torch.Tensor:
+    """`fn` applied to the tensors a block of about BLOCK entries at a time (whole rows of `row` entries, when `fn`
+    works per row), written into one output of the first tensor's shape: the values `fn` gives on the whole
+    tensors when it is elementwise (or per row), with its intermediates kept in cache (about 2x faster on CPU)."""
+    shape = tensors[0].shape
+    flat = [t.reshape(-1, row) for t in tensors]
+    step = max(1, BLOCK // row)
+    out: torch.Tensor | None = None
+    for start in range(0, flat[0].shape[0], step):
+        block = fn(*(t[start : start + step] for t in flat))
+        if out is None:
+            out = torch.empty((flat[0].shape[0], row), dtype=block.dtype, device=block.device)
+        out[start : start + step] = block
+    return (out if out is not None else fn(*flat)).reshape(shape)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from merge.methods.common import blockwise
+
 
 def model_stock(base: torch.Tensor, others: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
     """Interpolate between the average of N ≥ 2 fine-tuned models and the pre-trained base by the angle between
@@ -35,5 +37,6 @@ def model_stock(base: torch.Tensor, others: Sequence[torch.Tensor], filter_wise:
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1, denominator))
-    average = sum(ws) / n
-    return (t * average + (1 - t) * rows).reshape(shape)
+    if filter_wise:
+        return (t * (sum(ws) / n) + (1 - t) * rows).reshape(shape)
+    return blockwise(lambda rows, *ws: t * (sum(ws) / n) + (1 - t) * rows, rows, *ws).reshape(shape)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from merge.methods.common import BLOCK, blockwise
+
 
 def ram(
     base: torch.Tensor,
@@ -24,18 +26,32 @@ def ram(
     RAM has λ_i = 1. RAM+ (`plus` = (r, α)) boosts a model's unique changes by how much it otherwise shares:
         ρ_i = #{j: m_ij, c_j > 1} / max(#{j: m_ij, c_j = 1}, ε),   λ_i = 1 + r · clamp(ρ_i, 0, α)
     counted within the tensor ("tensor-local"). In mergekit 0.1.5's order of operations (RAM+'s λ makes the
-    sum float32)."""
+    sum float32), a block of entries at a time."""
     if not others:
         return base
-    deltas = torch.stack([x - base for x in others]).view(len(others), -1)
-    changed = deltas.abs() > epsilon
-    count = changed.sum(dim=0, keepdim=True)
-    shared, unique = count > 1, count == 1
-    kept = deltas * changed
-    unique_part = kept * unique
-    if plus is not None:
+
+    def changes(base: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        deltas = torch.stack([x - base for x in others])
+        changed = deltas.abs() > epsilon
+        return deltas, changed, changed.sum(dim=0, keepdim=True)
+
+    boost = None
+    if plus is not None:  # ρ_i counts over the whole tensor first (exact integers, so the blocks' order is free)
         r, alpha = plus
-        rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
-        unique_part = unique_part * (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
-    merged = (unique_part + kept * shared / count.clamp(min=1)).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)
+        shared_count = unique_count = torch.zeros(len(others), dtype=torch.int64, device=base.device)
+        flat = [x.reshape(-1) for x in (base, *others)]
+        for start in range(0, base.numel(), BLOCK):
+            _, changed, count = changes(*(x[start : start + BLOCK] for x in flat))
+            shared_count = shared_count + (changed & (count > 1)).sum(dim=1)
+            unique_count = unique_count + (changed & (count == 1)).sum(dim=1)
+        rho = shared_count / unique_count.clamp(min=epsilon)
+        boost = (1 + r * rho.clamp(min=0, max=alpha)).view(-1, 1, 1)  # per model, over (entries, 1) blocks
+
+    def merge(base: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        deltas, changed, count = changes(base, *others)
+        shared, unique = count > 1, count == 1
+        kept = deltas * changed
+        unique_part = kept * unique if boost is None else kept * unique * boost
+        return base + (unique_part + kept * shared / count.clamp(min=1)).sum(dim=0)
+
+    return blockwise(merge, base, *others)
