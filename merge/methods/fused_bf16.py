@@ -11,10 +11,9 @@ torch runs that chain as about thirty elementwise passes, each converting bfloat
 entry is read once, carried in float32 and rounded to bfloat16 exactly where torch rounds (round to nearest even,
 NaN to 0x7FC0), so the two agree to the bit. A TIES trim needs one histogram pass per model first (its threshold
 is an order statistic of |τ_i|; Breadcrumbs' band has two), and so does DARE's L1 rescale (both norms from one
-histogram). Work is split into
-contiguous ranges run on torch's thread count (the kernels release the GIL); every range computes the same values,
-so results do not depend on the thread count. The kernels compile on first use after an install (about 10 s on
-2 cores) and are cached by numba after that.
+histogram). Work is split into contiguous ranges run on torch's thread count (the kernels release the GIL); every
+range computes the same values, so results do not depend on the thread count. The kernels compile on first use
+after an install (about 10 s on 2 cores) and are cached by numba after that.
 """
 
 from __future__ import annotations
