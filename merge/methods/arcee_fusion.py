@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from merge.methods.common import blockwise
+
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Take the other model's change only where it matters most, by an outlier rule on an importance score:
@@ -16,13 +18,25 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
     The scores and quantiles are in the merge dtype; the final sum is in float32, as in mergekit. mergekit
     estimates the quartiles from 1,000,000 entries drawn at random when a tensor has more; here they are exact
-    (and deterministic) at every size, so such tensors may differ where a score lies between the two estimates."""
-    delta = other - base
-    p = F.softmax(other, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    score = delta.abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    (and deterministic) at every size, so such tensors may differ where a score lies between the two estimates.
+    Scores are computed a block of rows at a time, the fusion a block of entries at a time."""
+    if base.numel() == 0:
+        return base.clone()
+    rows = base.shape[-1] if base.dim() else 1
+
+    def importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:  # per row
+        p = F.softmax(other, dim=-1) + 1e-8
+        q = F.softmax(base, dim=-1) + 1e-8
+        return (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+    score = blockwise(importance, base, other, row=rows)
     q1, q2, q3 = _lower_quartiles(score)
-    return base + delta * (score >= q2 + 1.5 * (q3 - q1)).float()
+    threshold = q2 + 1.5 * (q3 - q1)
+
+    def fuse(base: torch.Tensor, other: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return base + (other - base) * (score >= threshold).float()
+
+    return blockwise(fuse, base, other, score)
 
 
 def _lower_quartiles(values: torch.Tensor) -> list[torch.Tensor]:

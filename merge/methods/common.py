@@ -36,3 +36,15 @@ def blockwise(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, row: int 
             out = torch.empty((flat[0].shape[0], row), dtype=block.dtype, device=block.device)
         out[start : start + step] = block
     return (out if out is not None else fn(*flat)).reshape(shape)
+
+
+def column_blocks(fn: Callable[[slice], torch.Tensor], n: int) -> torch.Tensor:
+    """An n-vector assembled from `fn(block)` over consecutive blocks of BLOCK columns: for steps that work per
+    column of a (models, n) stack, taking strided views of it rather than copies."""
+    parts = [(block, fn(block)) for block in (slice(s, s + BLOCK) for s in range(0, n, BLOCK))]
+    if not parts:
+        return fn(slice(0, 0))
+    out = torch.empty(n, dtype=parts[0][1].dtype, device=parts[0][1].device)
+    for block, part in parts:
+        out[block] = part
+    return out

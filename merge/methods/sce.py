@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from merge.methods.common import column_blocks
 from merge.methods.task_vectors import top_k_mask
 
 
@@ -26,13 +27,18 @@ def sce(base: torch.Tensor, others: Sequence[torch.Tensor], select_topk: float =
     deltas = torch.stack([x - base for x in others])
     if select_topk < 1:
         deltas = deltas * _high_variance(deltas, select_topk)
-    elected = deltas.sum(dim=0) >= 0
-    agrees = deltas.sign() == torch.where(elected, 1, -1).to(deltas.dtype)
-    energy = deltas.square().reshape(len(others), -1).mean(dim=1)
+    flat = deltas.view(len(others), -1)
+    energy = deltas.square().reshape(len(others), -1).mean(dim=1)  # whole-tensor means, in mergekit's order
     total = torch.sum(energy).item()
-    eta = torch.ones_like(energy) / len(others) if abs(total) < 1e-6 else energy / total
-    weights = eta.reshape(-1, *[1] * base.dim()) * agrees
-    return base + (deltas * weights).sum(dim=0) / torch.sum(weights, dim=0).clamp(min=1e-6)
+    eta = (torch.ones_like(energy) / len(others) if abs(total) < 1e-6 else energy / total).view(-1, 1)
+    flat_base = base.reshape(-1)
+
+    def erase(block: slice) -> torch.Tensor:  # per entry: a block of columns of the stack at a time
+        d = flat[:, block]
+        weights = eta * (d.sign() == torch.where(d.sum(dim=0) >= 0, 1, -1).to(d.dtype))
+        return flat_base[block] + (d * weights).sum(dim=0) / torch.sum(weights, dim=0).clamp(min=1e-6)
+
+    return column_blocks(erase, flat_base.numel()).view(base.shape)
 
 
 def _high_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merge.methods.common import MergeError
+from merge.methods.common import MergeError, blockwise, column_blocks
 
 
 def nuslerp(
@@ -34,14 +34,17 @@ def nuslerp(
     def unit(v: torch.Tensor) -> torch.Tensor:
         return v / torch.norm(v, dim=-1, keepdim=True).clamp(min=1e-7)
 
-    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps**2
-    omega = torch.acos(torch.where(colinear, 0, cos))  # a finite angle on the branch that is discarded
-    out = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
-    if columns and not flatten:
-        out = out.transpose(0, -1)
-    return out.reshape(shape)
+    def interpolate(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+        cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= eps**2
+        omega = torch.acos(torch.where(colinear, 0, cos))  # a finite angle on the branch that is discarded
+        out = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)
+        return torch.where(colinear, (1 - t) * v0 + t * v1, out) if colinear.any() else out
+
+    if flatten or columns:
+        out = interpolate(v0, v1)
+        return (out.transpose(0, -1) if columns and not flatten else out).reshape(shape)
+    return blockwise(interpolate, v0, v1, row=shape[-1] if v0.dim() else 1)  # rows are independent
 
 
 def nuslerp_t(weights: Sequence[float]) -> float:
@@ -79,7 +82,10 @@ def multislerp(
     column = w.view(-1, 1)
     norms = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
-    mean = (units * column).sum(0)
+    n = flat.shape[1]  # the norms and dot products are whole-tensor reductions (mergekit's order); the steps
+    # between them work per column, a block at a time
+
+    mean = column_blocks(lambda b: (units[:, b] * column).sum(0), n)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if len(tensors) != 2:
@@ -90,10 +96,11 @@ def multislerp(
         out = (flat[0] * w[0] + flat[1] * w[1]).view(stacked.shape[1:])
     else:
         mean = mean / mean_norm
-        tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * column).sum(0)
+        dots = (units * mean).sum(-1, keepdim=True)
+        tangent = column_blocks(lambda b: ((units[:, b] - dots * mean[b]) * column).sum(0), n)
         length = torch.norm(tangent) + eps
-        out = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
-        out = (out * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+        cos, sin, scale = torch.cos(length), torch.sin(length) / length, (norms.squeeze(-1) * w).sum()
+        out = column_blocks(lambda b: (mean[b] * cos + tangent[b] * sin) * scale, n).view(stacked.shape[1:])
     return out + base if base is not None else out
 
 
