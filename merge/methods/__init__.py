@@ -163,7 +163,7 @@ def _nuslerp(c: MergeCall) -> torch.Tensor:
     base, (a, b), per_model = c.split()
     t = nuslerp_t([p["weight"] for p in per_model])
     shape = {"flatten": c.params["nuslerp_flatten"], "columns": c.params["nuslerp_row_wise"]}
-    return nuslerp(t, a, b, **shape) if base is None else base + nuslerp(t, a - base, b - base, **shape)
+    return nuslerp(t, a, b, **shape, origin=base)
 
 
 def _multislerp(c: MergeCall) -> torch.Tensor:

@@ -15,7 +15,14 @@ from merge.methods.common import MergeError, blockwise, column_blocks
 
 
 def nuslerp(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, columns: bool = False, eps: float = 1e-8
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    flatten: bool = True,
+    columns: bool = False,
+    eps: float = 1e-8,
+    origin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLERP applied to vectors of a tensor — the whole tensor flattened (`flatten`, the default), or each row
     v[i, :] of a matrix, or each column v[:, j] (`columns`) — one angle per vector:
@@ -24,7 +31,10 @@ def nuslerp(
         nuslerp(t) = (sin((1−t)Ω) · v0 + sin(tΩ) · v1) / sin Ω
                      (1−t) · v0 + t · v1        where 1 − cos²Ω ≤ eps² (colinear: sin Ω ≈ 0)
 
-    Arcee's "NuSLERP" (mergekit 0.1.5); with `flatten` it is Shoemake's SLERP of the two tensors."""
+    Arcee's "NuSLERP" (mergekit 0.1.5); with `flatten` it is Shoemake's SLERP of the two tensors. With `origin`
+    (a base model) it interpolates about it: origin + nuslerp(t, v0 − origin, v1 − origin)."""
+    if origin is not None and (flatten or columns):
+        return origin + nuslerp(t, v0 - origin, v1 - origin, flatten=flatten, columns=columns, eps=eps)
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -44,7 +54,10 @@ def nuslerp(
     if flatten or columns:
         out = interpolate(v0, v1)
         return (out.transpose(0, -1) if columns and not flatten else out).reshape(shape)
-    return blockwise(interpolate, v0, v1, row=shape[-1] if v0.dim() else 1)  # rows are independent
+    row = shape[-1] if v0.dim() else 1  # rows are independent: a block of rows at a time
+    if origin is None:
+        return blockwise(interpolate, v0, v1, row=row)
+    return blockwise(lambda v0, v1, o: o + interpolate(v0 - o, v1 - o), v0, v1, origin, row=row)
 
 
 def nuslerp_t(weights: Sequence[float]) -> float:
