@@ -95,9 +95,9 @@ def multislerp(
     column = w.view(-1, 1)
     norms = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
-    n = flat.shape[1]  # the norms and dot products are whole-tensor reductions (mergekit's order); the steps
-    # between them work per column, a block at a time
-
+    # the norms and dot products are whole-tensor reductions (mergekit's order); the steps between them work per
+    # column, a block of columns at a time
+    n = flat.shape[1]
     mean = column_blocks(lambda b: (units[:, b] * column).sum(0), n)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
