@@ -7,8 +7,9 @@ Builds (once, under --work) a synthetic Mistral-shaped checkpoint — hidden 204
 t), ties, dare_ties, breadcrumbs_ties and della (density 0.5, weight 0.5), model_stock, nearswap, nuslerp (per
 row, about the base), multislerp, karcher, sce, ram, ramplus_tl and arcee_fusion with each tool in a fresh
 process, reporting wall time and peak RSS (from /usr/bin/time). The page cache is warmed before every run so
-both tools read the inputs from memory. First it times the I/O floor (`io_floor.py`: read the three models and
-write one with plain safetensors calls, no arithmetic) and reports every merge's time as a multiple of it.
+both tools read the inputs from memory. First it times the I/O floor (the median of five runs of `io_floor.py`:
+read the three models and write one with plain safetensors calls, no arithmetic) and reports every merge's time as
+a multiple of it.
 Prints a Markdown table for benchmarks/RESULTS.md; --only picks methods.
 """
 
@@ -213,6 +214,7 @@ def recipes(d: dict[str, Path]) -> dict[str, dict]:
 
 
 MERGEKIT_LACKS = ("lines", "pcb", "widen")
+FLOOR_RUNS = 5
 
 
 def timed(cmd: list[str], inputs: list[Path]) -> tuple[float, float]:
@@ -244,11 +246,22 @@ def main() -> int:
     dirs = build_models(args.work)
     inputs = list(dirs.values())
     floor_out = args.work / "out" / "floor"
-    floor = timed(
-        [sys.executable, str(Path(__file__).with_name("io_floor.py")), str(floor_out), *map(str, inputs)], inputs
+    floors = []
+    for _ in range(FLOOR_RUNS):  # the write makes single runs spread widely (3.7-6.9 s in one hour): the median
+        floors.append(
+            timed(
+                [sys.executable, str(Path(__file__).with_name("io_floor.py")), str(floor_out), *map(str, inputs)],
+                inputs,
+            )
+        )
+        shutil.rmtree(floor_out, ignore_errors=True)
+    floor = sorted(floors)[len(floors) // 2]
+    runs = ", ".join(f"{wall:.1f}" for wall, _ in floors)
+    print(
+        f"I/O floor (read 3 models, write 1, plain safetensors): {floor[0]:.1f} s, the median of {runs} s; "
+        f"{floor[1]:.2f} GB",
+        flush=True,
     )
-    shutil.rmtree(floor_out, ignore_errors=True)
-    print(f"I/O floor (read 3 models, write 1, plain safetensors): {floor[0]:.1f} s {floor[1]:.2f} GB", flush=True)
     rows = []
     for name, recipe in recipes(dirs).items():
         if args.only and name not in args.only:
