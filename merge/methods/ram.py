@@ -38,12 +38,13 @@ def ram(
     boost = None
     if plus is not None:  # ρ_i counts over the whole tensor first (exact integers, so the blocks' order is free)
         r, alpha = plus
-        shared_count = unique_count = torch.zeros(len(others), dtype=torch.int64, device=base.device)
+        shared_count = torch.zeros(len(others), dtype=torch.int64, device=base.device)
+        unique_count = torch.zeros_like(shared_count)
         flat = [x.reshape(-1) for x in (base, *others)]
         for start in range(0, base.numel(), BLOCK):
             _, changed, count = changes(*(x[start : start + BLOCK] for x in flat))
-            shared_count = shared_count + (changed & (count > 1)).sum(dim=1)
-            unique_count = unique_count + (changed & (count == 1)).sum(dim=1)
+            shared_count += (changed & (count > 1)).sum(dim=1)
+            unique_count += (changed & (count == 1)).sum(dim=1)
         rho = shared_count / unique_count.clamp(min=epsilon)
         boost = (1 + r * rho.clamp(min=0, max=alpha)).view(-1, 1, 1)  # per model, over (entries, 1) blocks
 
