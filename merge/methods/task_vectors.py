@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge.methods.common import BLOCK
+from merge.methods.common import BLOCK, blockwise
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, index of the model) -> pruned delta
 
@@ -308,13 +308,12 @@ def merge_task_vectors(
         return base
     deltas = [(prune(x - base, i) if prune else x - base).reshape(-1) for i, x in enumerate(others)]
     w = [float(torch.tensor(x, dtype=base.dtype)) for x in weights]  # rounded to the merge dtype, like mergekit
-    flat_base = base.reshape(-1)
-    out = torch.empty_like(flat_base)
-    for start in range(0, flat_base.numel(), BLOCK):
-        block = slice(start, start + BLOCK)
-        weighted = [d[block] * wi for d, wi in zip(deltas, w)]
-        out[block] = _combine(flat_base[block], weighted, w, sign_consensus, normalize, lambda_)
-    return out.reshape(base.shape)
+
+    def combine(base: torch.Tensor, *deltas: torch.Tensor) -> torch.Tensor:
+        weighted = [d * wi for d, wi in zip(deltas, w)]
+        return _combine(base, weighted, w, sign_consensus, normalize, lambda_)
+
+    return blockwise(combine, base, *deltas)
 
 
 def _sum(terms: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
