@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merge.methods.common import accumulation_dtype, blockwise
+from merge.methods.common import BLOCK, accumulation_dtype
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
@@ -21,13 +21,14 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     first = tensors[0]
     acc = accumulation_dtype(first.dtype)
     w = torch.tensor(list(weights), dtype=acc, device=first.device)
-
-    def combine(*blocks: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(blocks[0], dtype=acc)
-        for tensor, weight in zip(blocks, w):
-            total.addcmul_(tensor, weight)
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flat[0])
+    for start in range(0, out.numel(), BLOCK):
+        block = slice(start, start + BLOCK)
+        total = torch.zeros_like(flat[0][block], dtype=acc)
+        for tensor, weight in zip(flat, w):
+            total.addcmul_(tensor[block], weight)
         if normalize:
             total.div_(w.sum())
-        return total.to(first.dtype)
-
-    return blockwise(combine, *tensors)
+        out[block] = total
+    return out.reshape(first.shape)
