@@ -18,6 +18,7 @@ from merge.card import write_metadata
 from merge.io.checkpoint import Checkpoint, index_weights
 from merge.io.hub import input_dirs, open_model, tokenizer_dir
 from merge.io.writer import ShardedWriter, model_output
+from merge.memory import merge_memory
 from merge.methods import MergeCall
 from merge.methods.common import BLOCK, MergeError
 from merge.plan import MergePlan, TensorJob, build_plan
@@ -268,13 +269,13 @@ def _merge_all(
 ) -> None:
     """Every job in plan order. The next job's inputs are read and checked for NaN/Inf, and the previous result
     checked and written, while this one is merged (file I/O and torch ops release the GIL); one tensor in flight
-    each way keeps memory flat."""
+    each way keeps memory flat; freed tensor memory is reused rather than returned to the system (merge/memory.py)."""
 
     def write(name: str, merged: torch.Tensor, inputs_finite: bool) -> None:
         check_merged(name, merged, inputs_finite)
         writer.write(name, merged)
 
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
+    with merge_memory(), ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
         pending: Future[Loaded] | None = reader.submit(load, plan.jobs[0]) if plan.jobs else None
         written: Future[None] | None = None
         for index, job in enumerate(plan.jobs):
