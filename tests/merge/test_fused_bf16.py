@@ -1,7 +1,8 @@
 """The fused bfloat16 pipeline gives the torch pipeline's bits: every sparsification it takes, every rescale,
 sign consensus on and off, normalize, lambda, negative and zero weights, signed zeros, ties at the TIES
 threshold and at both edges of Breadcrumbs' band, NaN/Inf inputs (NaN compared as NaN: torch's own vectorised
-and scalar conversions write different NaN bits), and any thread count."""
+and scalar conversions write different NaN bits), and any thread count. Also SCE's fused erase against its torch
+steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from merge.methods import METHODS, REQUIRED, MergeCall, fused_bf16
 from merge.methods.fused_bf16 import applies, bernoulli_keep, fused_task_vectors
+from merge.methods.sce import sce
 from merge.methods.task_vectors import magnitude_prune, merge_task_vectors, outlier_prune, random_prune, rescale_l1
 
 
@@ -140,3 +142,38 @@ def test_methods_give_the_same_bits_on_both_paths(method: str, monkeypatch: pyte
     torch_result = apply()
     assert torch.equal(fused_result.view(torch.int16), torch_result.view(torch.int16))
     assert not torch.equal(fused_result, base)
+
+
+def sce_case(seed: int) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Inputs for SCE: small noise, exact copies (zero deltas and signed zeros), deltas that cancel, and every
+    bfloat16 bit pattern (Inf, NaN, subnormals), for 1 to SCE_MAX_MODELS models and three select_topk."""
+    g = torch.Generator().manual_seed(seed)
+    count = [1, 2, 3, 5, fused_bf16.SCE_MAX_MODELS][seed % 5]
+    shape = [(7,), (100, 33), (70_001,), (300, 1000)][seed % 4]
+    kind = seed % 4
+    if kind == 3:
+        patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        base = patterns[torch.randint(0, 1 << 16, shape, generator=g)]
+        return base, [patterns[torch.randint(0, 1 << 16, shape, generator=g)] for _ in range(count)], 1.0
+    base = torch.randn(shape, generator=g)
+    base.view(-1)[::7] = -0.0
+    delta = 0.01 * torch.randn(shape, generator=g)
+    if kind == 0:
+        others = [base + 0.01 * torch.randn(shape, generator=g) for _ in range(count)]
+    elif kind == 1:
+        others = [base.clone() for _ in range(count)]
+        for x in others:
+            x.view(-1)[::2] += 0.1 * torch.randn(x.view(-1)[::2].shape, generator=g)
+    else:
+        others = [base + (delta if i % 2 else -delta) for i in range(count)]
+    return base.bfloat16(), [x.bfloat16() for x in others], [1.0, 0.5, 0.1][seed % 3]
+
+
+def test_sce_erase_gives_the_torch_path_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    for seed in range(40):
+        base, others, select_topk = sce_case(seed)
+        fused_result = sce(base, others, select_topk)
+        with monkeypatch.context() as patch:
+            patch.setattr(fused_bf16, "SCE_MAX_MODELS", 0)  # the torch erase
+            torch_result = sce(base, others, select_topk)
+        assert same_bits(fused_result, torch_result), (seed, len(others), tuple(base.shape), select_topk)
