@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merge.methods.common import blockwise
+from merge.methods.common import BLOCK
 
 
 def model_stock(base: torch.Tensor, others: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -39,4 +39,13 @@ def model_stock(base: torch.Tensor, others: Sequence[torch.Tensor], filter_wise:
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1, denominator))
     if filter_wise:
         return (t * (sum(ws) / n) + (1 - t) * rows).reshape(shape)
-    return blockwise(lambda rows, *ws: t * (sum(ws) / n) + (1 - t) * rows, rows, *ws).reshape(shape)
+    # t · (Σ θ_i / N) + (1 − t) · θ_base a block at a time, in place in the output: the same roundings as the
+    # expression above (Python's sum starts from 0, and -0.0 + 0 is +0.0), four fewer passes and allocations
+    out, rest = torch.empty_like(rows), 1 - t
+    for start in range(0, rows.numel(), BLOCK):
+        block = slice(start, start + BLOCK)
+        mean = torch.add(ws[0][block], 0, out=out[block])
+        for w in ws[1:]:
+            mean.add_(w[block])
+        mean.div_(n).mul_(t).add_(rest * rows[block])
+    return out.reshape(shape)
