@@ -10,7 +10,8 @@ process, reporting wall time and peak RSS (from /usr/bin/time). The page cache i
 both tools read the inputs from memory. First it times the I/O floor (the median of five runs of `io_floor.py`:
 read the three models and write one with plain safetensors calls, no arithmetic) and reports every merge's time as
 a multiple of it.
-Prints a Markdown table for benchmarks/RESULTS.md; --only picks methods.
+Prints a Markdown table for benchmarks/RESULTS.md; --only picks methods, --repeat N runs each tool N times per
+method (alternating) and reports the median wall time and the largest peak RSS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -233,6 +235,13 @@ def timed(cmd: list[str], inputs: list[Path]) -> tuple[float, float]:
     return wall, rss_kb / 1e6
 
 
+def summary(runs: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """(median wall, largest peak RSS) of a tool's runs, (None, None) for none."""
+    if not runs:
+        return None, None
+    return statistics.median(w for w, _ in runs), max(r for _, r in runs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "_work")
@@ -242,6 +251,13 @@ def main() -> int:
         help="python of a venv with mergekit 0.1.5 (omit to time medmerge alone)",
     )
     parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per tool and method, the two tools alternating; the median wall and the largest peak RSS are "
+        "reported (single runs on a VM spread by 20-30%%)",
+    )
     args = parser.parse_args()
     dirs = build_models(args.work)
     inputs = list(dirs.values())
@@ -269,20 +285,26 @@ def main() -> int:
         path = args.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         out = args.work / "out" / name
-        ours = timed(
-            [sys.executable, "-m", "medmerge.cli", "merge", str(path), str(out / "medmerge"), "--overwrite", "--quiet"],
-            inputs,
-        )
-        theirs = (None, None)
-        if args.mergekit_python and name not in MERGEKIT_LACKS:
-            shutil.rmtree(out / "mergekit", ignore_errors=True)
-            exe = Path(args.mergekit_python).parent / "mergekit-yaml"
-            theirs = timed([str(exe), str(path), str(out / "mergekit"), "--allow-crimes"], inputs)
-        shutil.rmtree(out, ignore_errors=True)
+        our_runs, their_runs = [], []
+        for _ in range(args.repeat):
+            cmd = [sys.executable, "-m", "medmerge.cli", "merge", str(path), str(out / "medmerge"), "--overwrite"]
+            our_runs.append(timed([*cmd, "--quiet"], inputs))
+            if args.mergekit_python and name not in MERGEKIT_LACKS:
+                shutil.rmtree(out / "mergekit", ignore_errors=True)
+                exe = Path(args.mergekit_python).parent / "mergekit-yaml"
+                their_runs.append(timed([str(exe), str(path), str(out / "mergekit"), "--allow-crimes"], inputs))
+            shutil.rmtree(out, ignore_errors=True)
+        ours, theirs = summary(our_runs), summary(their_runs)
         rows.append((name, *ours, *theirs))
         print(
             f"{name}: medmerge {ours[0]:.1f} s {ours[1]:.2f} GB"
-            + (f" | mergekit {theirs[0]:.1f} s {theirs[1]:.2f} GB" if theirs[0] else ""),
+            + (f" | mergekit {theirs[0]:.1f} s {theirs[1]:.2f} GB" if theirs[0] else "")
+            + (
+                f" (runs: medmerge {', '.join(f'{w:.1f}' for w, _ in our_runs)}; "
+                f"mergekit {', '.join(f'{w:.1f}' for w, _ in their_runs) or '-'})"
+                if args.repeat > 1
+                else ""
+            ),
             flush=True,
         )
     print(
