@@ -31,11 +31,10 @@ def sce(base: torch.Tensor, others: Sequence[torch.Tensor], select_topk: float =
     energy = deltas.square().reshape(len(others), -1).mean(dim=1)  # whole-tensor means, in mergekit's order
     total = torch.sum(energy).item()
     eta = (torch.ones_like(energy) / len(others) if abs(total) < 1e-6 else energy / total).view(-1, 1)
-    if deltas.dtype == torch.bfloat16 and deltas.device.type == "cpu":
-        from merge.methods import fused_bf16  # numba: compiled on first use
+    from merge.methods import fused_bf16  # numba: imported when an SCE merge runs, not on every command
 
-        if len(others) <= fused_bf16.SCE_MAX_MODELS:
-            return fused_bf16.sce_erase(base, deltas, eta)  # the erase below in one compiled pass, same bits
+    if fused_bf16.applies(base, others) and len(others) <= fused_bf16.SCE_MAX_MODELS:
+        return fused_bf16.sce_erase(base, deltas, eta)  # the erase below in one compiled pass, same bits
     flat_base = base.reshape(-1)
 
     def erase(block: slice) -> torch.Tensor:  # per entry: a block of columns of the stack at a time
