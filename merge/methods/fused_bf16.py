@@ -584,3 +584,148 @@ def sce_erase(base: torch.Tensor, deltas: torch.Tensor, eta: torch.Tensor) -> to
     out = np.empty_like(flat_base)
     _parallel(lambda lo, hi: _sce_erase_range(flat_base, flats, weights, floor, out, lo, hi), flat_base.size)
     return _tensor(out, base.shape)
+
+
+@njit(nogil=True, cache=True)
+def _karcher_gradient_range(
+    mean: np.ndarray,
+    points: tuple,
+    cosines: np.ndarray,
+    coefs: np.ndarray,
+    gradient: np.ndarray,
+    gradient32: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
+    total = np.empty(ROW, np.float32)
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        m = mean[start : start + size]
+        total[:size] = 0
+        for i in range(len(points)):
+            u = points[i][start : start + size]
+            cos, coef = cosines[i], coefs[i]
+            for jj in range(size):
+                tangent = _rounded(_value(u[jj]) - _rounded(cos * _value(m[jj])))
+                total[jj] = _rounded(total[jj] + _rounded(coef * tangent))
+        out, out32 = gradient[start : start + size], gradient32[start : start + size]
+        for jj in range(size):
+            out[jj] = _round(total[jj])  # already a bfloat16 value: these are its bits
+            out32[jj] = total[jj]
+
+
+@njit(nogil=True, cache=True)
+def _weighted_sum_range(
+    points: tuple, weights: np.ndarray, out: np.ndarray, out32: np.ndarray, lo: int, hi: int
+) -> None:
+    total = np.empty(ROW, np.float32)
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        total[:size] = 0
+        for i in range(len(points)):
+            u, w = points[i][start : start + size], weights[i]
+            for jj in range(size):
+                total[jj] = _rounded(total[jj] + _rounded(w * _value(u[jj])))
+        o, o32 = out[start : start + size], out32[start : start + size]
+        for jj in range(size):
+            o[jj] = _round(total[jj])
+            o32[jj] = total[jj]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")  # x / 0 is ±Inf or NaN, as in torch
+def _karcher_step_range(
+    mean: np.ndarray,
+    gradient: np.ndarray,
+    cos_step: np.float32,
+    sin_step: np.float32,
+    step: np.float32,
+    out: np.ndarray,
+    out32: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
+    m, g, o, o32 = mean[lo:hi], gradient[lo:hi], out[lo:hi], out32[lo:hi]
+    for j in range(hi - lo):  # indices from 0 over slices: numba then vectorises (not over range(lo, hi))
+        bits = _round(_rounded(cos_step * _value(m[j])) + _rounded(sin_step * _rounded(_value(g[j]) / step)))
+        o[j] = bits
+        o32[j] = _value(bits)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")  # x / 0 is ±Inf or NaN, as in torch
+def _divide_range(x: np.ndarray, divisor: np.float32, out: np.ndarray, lo: int, hi: int) -> None:
+    xs, o = x[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        o[j] = _round(_value(xs[j]) / divisor)
+
+
+class KarcherSteps:
+    """The elementwise steps of the Karcher mean (merge/methods/spherical.py) for bfloat16 tensors on the CPU, each
+    one pass, with the bits of torch's ops (about twenty passes per iteration, each rounding to bfloat16):
+
+        Σ_i w_i u_i                                   (`weighted_sum`, μ_0 before it is normalised)
+        g  = Σ_i c_i (u_i − cos Ω_i · μ)              (`gradient_of`, c_i = α_i Ω_i / sin Ω_i)
+        μ' = cos ‖g‖ · μ + sin ‖g‖ · g / ‖g‖          (`step`)
+        x / ‖x‖                                       (`divide`)
+
+    as torch evaluates them: every product, difference and sum rounds to bfloat16; a Python float is a float32
+    operand, a 0-d float32 tensor on the left of `*` (cos ‖g‖, sin ‖g‖) is rounded to bfloat16 first and one on the
+    right of `/` is not. The sums also come in float32, for torch's norm of them, in one float32 buffer per tensor
+    (a float32 result is valid until the next call); the bfloat16 results are fresh tensors (numba vectorises no
+    loop whose output may alias an input)."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.float32 = torch.empty(like.shape, dtype=torch.float32)  # from torch's allocator, as `.float()` would be
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """‖x‖ in float32, as torch.linalg.vector_norm(x.float()) (the same float32 values, in a reused buffer)."""
+        return torch.linalg.vector_norm(self.float32.copy_(x))
+
+    def weighted_sum(
+        self, points: Sequence[torch.Tensor], weights: Sequence[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ w_i u_i accumulated from zero in order, and its float32 copy."""
+        flats = tuple(_bits(u) for u in points)
+        factors = np.array(weights, np.float32)
+        out, out32 = torch.empty_like(points[0]), self.float32
+        bits, bits32 = _bits(out), out32.view(-1).numpy()
+        _parallel(lambda lo, hi: _weighted_sum_range(flats, factors, bits, bits32, lo, hi), bits.size)
+        return out, out32
+
+    def gradient_of(
+        self, mean: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ c (u − cos · μ) over terms (cos, c, u) accumulated from zero in order, and its float32 copy."""
+        if not terms:
+            return torch.zeros_like(mean), self.float32.zero_()
+        points = tuple(_bits(u) for _, _, u in terms)
+        cosines = np.array([float(cos) for cos, _, _ in terms], np.float32)  # bfloat16 values: exact
+        coefs = np.array([float(coef) for _, coef, _ in terms], np.float32)
+        out, out32 = torch.empty_like(mean), self.float32
+        flat_mean, bits, bits32 = _bits(mean), _bits(out), out32.view(-1).numpy()
+        _parallel(
+            lambda lo, hi: _karcher_gradient_range(flat_mean, points, cosines, coefs, bits, bits32, lo, hi), bits.size
+        )
+        return out, out32
+
+    def step(self, mean: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos ‖g‖ · μ + sin ‖g‖ · g / ‖g‖ (step = ‖g‖, float32), and its float32 copy."""
+        cos_step = np.float32(float(torch.cos(step).to(torch.bfloat16)))
+        sin_step = np.float32(float(torch.sin(step).to(torch.bfloat16)))
+        length = np.float32(float(step))
+        out, out32 = torch.empty_like(mean), self.float32
+        flat_mean, flat_gradient, bits, bits32 = _bits(mean), _bits(gradient), _bits(out), out32.view(-1).numpy()
+        _parallel(
+            lambda lo, hi: _karcher_step_range(
+                flat_mean, flat_gradient, cos_step, sin_step, length, bits, bits32, lo, hi
+            ),
+            bits.size,
+        )
+        return out, out32
+
+    def divide(self, x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+        """x / divisor (a float32 0-d tensor)."""
+        flat, value = _bits(x), np.float32(float(divisor))
+        out = torch.empty_like(x)
+        bits = _bits(out)
+        _parallel(lambda lo, hi: _divide_range(flat, value, bits, lo, hi), flat.size)
+        return out

@@ -8,10 +8,17 @@ the recipe's `dtype: float32` for more precision with half-precision models.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from merge.methods.common import MergeError, blockwise, column_blocks
+from merge.methods.stacked_dots import dots_with
+
+if TYPE_CHECKING:
+    from merge.methods.fused_bf16 import KarcherSteps
+
+KARCHER_FUSED_FROM = 1 << 16  # entries: smaller tensors keep torch's steps (the fused ones start threads)
 
 
 def nuslerp(
@@ -134,8 +141,9 @@ def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float
         return tensors[0]
     alphas = [1 / len(tensors)] * len(tensors)
     work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = [torch.linalg.vector_norm(x.to(work)) for x in tensors]
-    units = [torch.zeros_like(x) if n.item() == 0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
+    steps = _karcher_steps(tensors, work)
+    norms = [steps.norm(x) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0 else steps.divide(x, n) for x, n in zip(tensors, norms)]
     kept = [i for i, n in enumerate(norms) if n.item() > tol]
     if not kept:
         return torch.zeros_like(tensors[0])
@@ -143,24 +151,70 @@ def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float
     weights = [alphas[i] / total for i in kept]
     points = [units[i] for i in kept]
 
-    mean = torch.zeros_like(points[0])
-    for a, u in zip(weights, points):
-        mean += a * u
-    length = torch.linalg.vector_norm(mean.to(work))
-    mean = points[0].clone() if length.item() < tol else (mean / length).to(mean.dtype)
+    mean, mean_work = steps.weighted_sum(points, weights)
+    length = torch.linalg.vector_norm(mean_work)
+    mean = points[0].clone() if length.item() < tol else steps.divide(mean, length)
+    dots = dots_with(points)  # torch.dot's bits, in one call where that gives them (merge/methods/stacked_dots.py)
     for _ in range(max_iter):
-        gradient = torch.zeros_like(mean)
-        for a, u in zip(weights, points):
-            cos = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+        terms = []  # (cos Ω_i, α_i Ω_i / sin Ω_i, u_i) for the points not at μ
+        for a, u, dot in zip(weights, points, dots(mean)):
+            cos = torch.clamp(dot, -1.0, 1.0)
             omega = torch.arccos(cos)
             if omega.item() < tol:
                 continue
-            gradient += a * (omega / torch.sin(omega)) * (u - cos * mean)
-        step = torch.linalg.vector_norm(gradient.to(work))
+            terms.append((cos, a * (omega / torch.sin(omega)), u))
+        gradient, gradient_work = steps.gradient_of(mean, terms)
+        step = torch.linalg.vector_norm(gradient_work)
         if step.item() < tol:
             break
-        mean = (torch.cos(step) * mean + torch.sin(step) * (gradient / step)).to(mean.dtype)
-        length = torch.linalg.vector_norm(mean.to(work))
+        mean, mean_work = steps.step(mean, gradient, step)
+        length = torch.linalg.vector_norm(mean_work)
         if length.item() > tol:
-            mean = (mean / length).to(mean.dtype)
+            mean = steps.divide(mean, length)
     return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+class _TorchSteps:
+    """The elementwise steps of the Karcher mean as torch ops, as mergekit writes them (any dtype or device);
+    `fused_bf16.KarcherSteps` gives their bits in one pass each for bfloat16 on the CPU. Sums come with their copy
+    in the norms' dtype."""
+
+    def __init__(self, work: torch.dtype) -> None:
+        self.work = work
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x.to(self.work))
+
+    def weighted_sum(
+        self, points: Sequence[torch.Tensor], weights: Sequence[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros_like(points[0])
+        for w, u in zip(weights, points):
+            total += w * u
+        return total, total.to(self.work)
+
+    def gradient_of(
+        self, mean: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gradient = torch.zeros_like(mean)
+        for cos, coef, u in terms:
+            gradient += coef * (u - cos * mean)
+        return gradient, gradient.to(self.work)
+
+    def step(self, mean: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = (torch.cos(step) * mean + torch.sin(step) * (gradient / step)).to(mean.dtype)
+        return mean, mean.to(self.work)
+
+    def divide(self, x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+        return (x / divisor).to(x.dtype)
+
+
+def _karcher_steps(tensors: Sequence[torch.Tensor], work: torch.dtype) -> _TorchSteps | KarcherSteps:
+    first = tensors[0]
+    if first.numel() >= KARCHER_FUSED_FROM and all(
+        t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors
+    ):
+        from merge.methods.fused_bf16 import KarcherSteps  # numba: imported when a bfloat16 Karcher merge runs
+
+        return KarcherSteps(first)
+    return _TorchSteps(work)

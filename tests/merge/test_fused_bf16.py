@@ -41,7 +41,8 @@ def torch_pipeline(base, others, weights, mode, densities, gammas, keys, rescale
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    differ = (a.view(torch.int16) != b.view(torch.int16)) & ~(a.isnan() & b.isnan())
+    integer = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    differ = (a.view(integer) != b.view(integer)) & ~(a.isnan() & b.isnan())
     return not bool(differ.any())
 
 
@@ -177,3 +178,77 @@ def test_sce_erase_gives_the_torch_path_bits(monkeypatch: pytest.MonkeyPatch) ->
             patch.setattr(fused_bf16, "SCE_MAX_MODELS", 0)  # the torch erase
             torch_result = sce(base, others, select_topk)
         assert same_bits(fused_result, torch_result), (seed, len(others), tuple(base.shape), select_topk)
+
+
+def karcher_inputs(seed: int, n: int) -> list[torch.Tensor]:
+    """bfloat16 vectors for the Karcher steps: normal and huge scales, every bit pattern (Inf, NaN, subnormals,
+    signed zeros) in a block, exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    scale = [1e-3, 1.0, 1e30][seed % 3]
+    xs = [(torch.randn(n, generator=g) * scale).bfloat16() for _ in range(4)]
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for x in xs:
+        x[: n // 5] = patterns[torch.randint(0, 1 << 16, (n // 5,), generator=g)]
+        x[n // 5 : n // 4] = 0.0
+        x[n // 4 : n // 3 : 2] = -0.0
+    return xs
+
+
+@pytest.mark.parametrize("n", [1, 4096, 70_001])
+def test_karcher_steps_give_the_torch_ops_bits(n: int) -> None:
+    from merge.methods.spherical import _TorchSteps
+
+    def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(value, dtype=dtype)
+
+    for seed in range(12):
+        mean, *points = karcher_inputs(seed, n)
+        fused_steps, torch_steps = fused_bf16.KarcherSteps(mean), _TorchSteps(torch.float32)
+        for x in points:
+            assert same_bits(fused_steps.norm(x).view(1), torch_steps.norm(x).view(1))
+        weights = [[1 / 3, 0.5, -0.2], [0.25, 1e-3, 7.0], [1.0, 1.0, 1.0]][seed % 3]
+        for name, args in [
+            ("divide", (points[0], scalar([0.987654321, 3e-5, 1e30, 0.0][seed % 4], torch.float32))),
+            ("weighted_sum", (points, weights)),
+            ("gradient_of", (mean, [])),
+            (
+                "gradient_of",
+                (
+                    mean,
+                    [
+                        (scalar(c, torch.bfloat16), scalar(w, torch.bfloat16), u)
+                        for c, w, u in zip([0.999, -0.5, 1.0], [0.3342, -2.5, 1e-3], points)
+                    ],
+                ),
+            ),
+            ("step", (mean, points[1], scalar([0.0123, 2.5, 7.0, 1e-6][seed % 4], torch.float32))),
+        ]:
+            fused_result, torch_result = getattr(fused_steps, name)(*args), getattr(torch_steps, name)(*args)
+            if name == "divide":
+                fused_result, torch_result = (fused_result,), (torch_result,)
+            for f, t in zip(fused_result, torch_result):
+                assert f.dtype == t.dtype and f.shape == t.shape
+                assert same_bits(f, t), (seed, name)
+
+
+def test_karcher_mean_gives_the_bits_of_mergekits_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole Karcher mean with the fused steps and stacked dot products against torch ops and one torch.dot
+    per product, the way mergekit computes it."""
+    from merge.methods import spherical
+
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        shape = [(300, 234), (70_001,)][seed % 2]
+        base = torch.randn(shape, generator=g) * 0.02
+        tensors = [(base + torch.randn(shape, generator=g) * [0.002, 0.02][seed % 2]).bfloat16() for _ in range(3)]
+        if seed == 3:
+            tensors[1].zero_()  # left out: no direction
+        max_iter, tol = [(10, 1e-5), (3, 1e-5), (20, 1e-9), (10, 1e-2)][seed % 4]
+        fast = spherical.karcher_mean(tensors, max_iter, tol)
+        with monkeypatch.context() as patch:
+            patch.setattr(spherical, "_karcher_steps", lambda tensors, work: spherical._TorchSteps(work))
+            patch.setattr(
+                spherical, "dots_with", lambda points: lambda v: [torch.dot(v.flatten(), p.flatten()) for p in points]
+            )
+            reference = spherical.karcher_mean(tensors, max_iter, tol)
+        assert same_bits(fast, reference), seed
