@@ -53,9 +53,14 @@ def _ranked_16_bit(flat: torch.Tensor, ranks: tuple[int, ...]) -> list[torch.Ten
     """Order statistics of a 16-bit float tensor from one histogram of its bit patterns (no sort, no float32
     copy). Mapping each pattern to a key that orders like its value — positive: sign bit set; negative: all bits
     flipped — makes the r-th smallest the first key whose cumulative count exceeds r."""
-    bits = flat.view(torch.int16).to(torch.int32) & 0xFFFF
-    keys = torch.where(bits < 0x8000, bits | 0x8000, 0xFFFF - bits)
-    below = torch.bincount(keys, minlength=1 << 16).cumsum(0)
+    if flat.device.type == "cpu":
+        from merge.methods.fused_bf16 import ordered_counts  # numba: one pass, no int32 copies (82 -> 11 ms per 11.5M)
+
+        below = ordered_counts(flat).cumsum(0)
+    else:
+        bits = flat.view(torch.int16).to(torch.int32) & 0xFFFF
+        keys = torch.where(bits < 0x8000, bits | 0x8000, 0xFFFF - bits)
+        below = torch.bincount(keys, minlength=1 << 16).cumsum(0)
     found = [int(torch.searchsorted(below, r, right=True)) for r in ranks]
     patterns = torch.tensor([k & 0x7FFF if k >= 0x8000 else 0xFFFF - k for k in found], dtype=torch.int32)
     return list(patterns.to(torch.int16).view(flat.dtype).to(flat.device).unbind())

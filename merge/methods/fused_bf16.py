@@ -141,6 +141,28 @@ def _nth_equal(base: np.ndarray, other: np.ndarray, magnitude: np.uint16, nth: i
 
 
 @njit(nogil=True, cache=True)
+def _ordered_counts_range(bits: np.ndarray, counts: np.ndarray, lo: int, hi: int) -> None:
+    xs = bits[lo:hi]
+    for j in range(hi - lo):
+        b = xs[j]
+        counts[b | np.uint16(0x8000) if b < 0x8000 else np.uint16(0xFFFF) - b] += 1
+
+
+def ordered_counts(x: torch.Tensor) -> torch.Tensor:
+    """The histogram of a 16-bit float CPU tensor's values by order key, 2¹⁶ int64 counts: key k counts the
+    entries whose bit pattern maps to k, where positive patterns get the sign bit set and negative ones are
+    flipped, so that keys order like the values (NaNs at the ends). One pass, a histogram per thread."""
+    flat = _bits(x)
+
+    def count(lo: int, hi: int) -> np.ndarray:
+        counts = np.zeros(1 << 16, np.int64)
+        _ordered_counts_range(flat, counts, lo, hi)
+        return counts
+
+    return torch.from_numpy(sum(_parallel(count, flat.size)))
+
+
+@njit(nogil=True, cache=True)
 def _row_ranks_range(keys: np.ndarray, infinity: np.uint16, ranks: np.ndarray, lo: int, hi: int) -> None:
     """ranks[r, j] = the ascending stable rank of keys[r, j] in its row, for rows lo..hi-1 of 16-bit |x| bit
     patterns (which order like the values; every NaN pattern, above `infinity`'s, counts as 0x7FFF, as a sort

@@ -252,3 +252,20 @@ def test_karcher_mean_gives_the_bits_of_mergekits_steps(monkeypatch: pytest.Monk
             )
             reference = spherical.karcher_mean(tensors, max_iter, tol)
         assert same_bits(fast, reference), seed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ordered_counts_count_every_bit_pattern_by_value_order(dtype: torch.dtype) -> None:
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    x = torch.cat(
+        [patterns, patterns[torch.randint(0, 1 << 16, (300_001,), generator=torch.Generator().manual_seed(1))]]
+    )
+    counts = fused_bf16.ordered_counts(x.view(dtype))
+    bits = x.to(torch.int32) & 0xFFFF
+    keys = torch.where(bits < 0x8000, bits | 0x8000, 0xFFFF - bits)
+    assert torch.equal(counts, torch.bincount(keys, minlength=1 << 16))
+    finite = x.view(dtype)[~x.view(dtype).isnan()].double()
+    ordered = torch.repeat_interleave(torch.arange(1 << 16), counts)  # keys, smallest value first
+    values = torch.where(ordered >= 0x8000, ordered & 0x7FFF, 0xFFFF - ordered).to(torch.int16).view(dtype).double()
+    values = values[~values.isnan()]
+    assert torch.equal(values, torch.sort(finite).values)  # -0.0 before +0.0: equal as values
