@@ -554,8 +554,8 @@ def fused_task_vectors(
 
 
 # torch's sum over the models adds in order from +0.0 (checked on every bit pattern for 1-17 rows; 33 rows sum in
-# another order): the fused erase takes up to 16 models, the torch steps the rest
-SCE_MAX_MODELS = 16
+# another order): the fused SCE erase and Multi-SLERP steps take up to 16 models, the torch steps the rest
+MAX_MODELS_IN_ORDER = 16
 
 
 @njit(nogil=True, cache=True)
@@ -597,7 +597,7 @@ def sce_erase(base: torch.Tensor, deltas: torch.Tensor, eta: torch.Tensor) -> to
 
         γ = sgn Σ_i τ_i,  w_i = η_i [sgn τ_i = γ],  θ = θ_base + Σ_i w_i τ_i / max(Σ_i w_i, 1e-6)
 
-    `deltas` the (N, ...) stack of τ_i (N ≤ SCE_MAX_MODELS), `eta` the N bfloat16 η_i. Sums over the models
+    `deltas` the (N, ...) stack of τ_i (N ≤ MAX_MODELS_IN_ORDER), `eta` the N bfloat16 η_i. Sums over the models
     accumulate in float32 from +0.0 in model order and round once, as torch's sum over a short dimension does."""
     flat_base = _bits(base)
     flats = tuple(_bits(d) for d in deltas.unbind(0))
@@ -751,3 +751,138 @@ class KarcherSteps:
         bits = _bits(out)
         _parallel(lambda lo, hi: _divide_range(flat, value, bits, lo, hi), flat.size)
         return out
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _unit_rows_range(rows: np.ndarray, divisors: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    for i in range(rows.shape[0]):
+        x, o, d = rows[i, lo:hi], out[i, lo:hi], divisors[i]
+        for j in range(hi - lo):
+            o[j] = _round(_value(x[j]) / d)
+
+
+@njit(nogil=True, cache=True)
+def _weighted_column_sum_range(units: np.ndarray, weights: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    total = np.empty(ROW, np.float32)
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        total[:size] = 0
+        for i in range(units.shape[0]):
+            u, w = units[i, start : start + size], weights[i]
+            for jj in range(size):
+                total[jj] += _rounded(_value(u[jj]) * w)
+        o = out[start : start + size]
+        for jj in range(size):
+            o[jj] = _round(total[jj])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _normalized_products_range(
+    mean: np.ndarray, norm: np.float32, units: np.ndarray, out: np.ndarray, products: np.ndarray, lo: int, hi: int
+) -> None:
+    m, o = mean[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        o[j] = _round(_value(m[j]) / norm)
+    for i in range(units.shape[0]):
+        u, p = units[i, lo:hi], products[i, lo:hi]
+        for j in range(hi - lo):
+            p[j] = _round(_value(u[j]) * _value(o[j]))
+
+
+@njit(nogil=True, cache=True)
+def _tangent_sum_range(
+    units: np.ndarray, dots: np.ndarray, mean: np.ndarray, weights: np.ndarray, out: np.ndarray, lo: int, hi: int
+) -> None:
+    total = np.empty(ROW, np.float32)
+    for start in range(lo, hi, ROW):
+        size = min(ROW, hi - start)
+        total[:size] = 0
+        m = mean[start : start + size]
+        for i in range(units.shape[0]):
+            u, d, w = units[i, start : start + size], dots[i], weights[i]
+            for jj in range(size):
+                total[jj] += _rounded(_rounded(_value(u[jj]) - _rounded(d * _value(m[jj]))) * w)
+        o = out[start : start + size]
+        for jj in range(size):
+            o[jj] = _round(total[jj])
+
+
+@njit(nogil=True, cache=True)
+def _interpolate_range(
+    mean: np.ndarray,
+    tangent: np.ndarray,
+    cos: np.float32,
+    sin: np.float32,
+    scale: np.float32,
+    out: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
+    m, t, o = mean[lo:hi], tangent[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        o[j] = _round(_rounded(_rounded(_value(m[j]) * cos) + _rounded(_value(t[j]) * sin)) * scale)
+
+
+class MultislerpSteps:
+    """The column-wise steps of Multi-SLERP (merge/methods/spherical.py) for a (models, n) bfloat16 stack on the
+    CPU of at most MAX_MODELS_IN_ORDER models, one pass each, with the bits of torch's ops (every product,
+    difference and quotient rounds to bfloat16; a sum over the models adds the rounded terms in float32 from +0.0
+    in model order and rounds once). The whole-tensor norms and the dot products' sums stay torch's."""
+
+    def units(self, flat: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+        """flat / divisors, one bfloat16 divisor per row."""
+        out = torch.empty_like(flat)
+        rows, bits, values = _rows(flat), _rows(out), _values(divisors)
+        _parallel(lambda lo, hi: _unit_rows_range(rows, values, bits, lo, hi), rows.shape[1])
+        return out
+
+    def weighted_sum(self, units: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_i w_i u_i per column."""
+        out = torch.empty(units.shape[1], dtype=torch.bfloat16)
+        rows, bits, values = _rows(units), _bits(out), _values(weights)
+        _parallel(lambda lo, hi: _weighted_column_sum_range(rows, values, bits, lo, hi), bits.size)
+        return out
+
+    def normalized_products(
+        self, mean: torch.Tensor, norm: torch.Tensor, units: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ / ‖μ‖ (a bfloat16 0-d norm) and its products with the rows, u_i ⊙ μ."""
+        out, products = torch.empty_like(mean), torch.empty_like(units)
+        flat_mean, bits, rows, product_rows = _bits(mean), _bits(out), _rows(units), _rows(products)
+        value = np.float32(float(norm))
+        _parallel(
+            lambda lo, hi: _normalized_products_range(flat_mean, value, rows, bits, product_rows, lo, hi), bits.size
+        )
+        return out, products
+
+    def tangent(
+        self, units: torch.Tensor, dots: torch.Tensor, mean: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ_i w_i (u_i − ⟨u_i, μ⟩ μ) per column (`dots` the N bfloat16 ⟨u_i, μ⟩)."""
+        out = torch.empty_like(mean)
+        rows, flat_mean, bits = _rows(units), _bits(mean), _bits(out)
+        dot_values, weight_values = _values(dots), _values(weights)
+        _parallel(
+            lambda lo, hi: _tangent_sum_range(rows, dot_values, flat_mean, weight_values, bits, lo, hi), bits.size
+        )
+        return out
+
+    def interpolate(
+        self, mean: torch.Tensor, tangent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """(μ cos + τ sin) · scale, with bfloat16 0-d cos, sin and scale."""
+        out = torch.empty_like(mean)
+        flat_mean, flat_tangent, bits = _bits(mean), _bits(tangent), _bits(out)
+        c, s, k = (np.float32(float(x)) for x in (cos, sin, scale))
+        _parallel(lambda lo, hi: _interpolate_range(flat_mean, flat_tangent, c, s, k, bits, lo, hi), bits.size)
+        return out
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """A contiguous (rows, n) bfloat16 tensor's bits, as a 2-d array (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _values(t: torch.Tensor) -> np.ndarray:
+    """A small bfloat16 tensor's values as float32 (exact)."""
+    return t.reshape(-1).float().numpy().astype(np.float32)

@@ -33,7 +33,7 @@ def sce(base: torch.Tensor, others: Sequence[torch.Tensor], select_topk: float =
     eta = (torch.ones_like(energy) / len(others) if abs(total) < 1e-6 else energy / total).view(-1, 1)
     from merge.methods import fused_bf16  # numba: imported when an SCE merge runs, not on every command
 
-    if fused_bf16.applies(base, others) and len(others) <= fused_bf16.SCE_MAX_MODELS:
+    if fused_bf16.applies(base, others) and len(others) <= fused_bf16.MAX_MODELS_IN_ORDER:
         return fused_bf16.sce_erase(base, deltas, eta)  # the erase below in one compiled pass, same bits
     flat_base = base.reshape(-1)
 

@@ -16,9 +16,9 @@ from merge.methods.common import MergeError, blockwise, column_blocks
 from merge.methods.stacked_dots import dots_with
 
 if TYPE_CHECKING:
-    from merge.methods.fused_bf16 import KarcherSteps
+    from merge.methods.fused_bf16 import KarcherSteps, MultislerpSteps
 
-KARCHER_FUSED_FROM = 1 << 16  # entries: smaller tensors keep torch's steps (the fused ones start threads)
+FUSED_FROM = 1 << 16  # entries: smaller tensors keep torch's steps (the fused ones start threads)
 
 
 def nuslerp(
@@ -99,13 +99,10 @@ def multislerp(
     w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
     if normalize_weights:
         w = w / w.sum()
-    column = w.view(-1, 1)
     norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    # the norms and dot products are whole-tensor reductions (mergekit's order); the steps between them work per
-    # column, a block of columns at a time
-    n = flat.shape[1]
-    mean = column_blocks(lambda b: (units[:, b] * column).sum(0), n)
+    steps = _multislerp_steps(flat)
+    units = steps.units(flat, norms + eps)
+    mean = steps.weighted_sum(units, w)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if len(tensors) != 2:
@@ -115,13 +112,52 @@ def multislerp(
             )
         out = (flat[0] * w[0] + flat[1] * w[1]).view(stacked.shape[1:])
     else:
-        mean = mean / mean_norm
-        dots = (units * mean).sum(-1, keepdim=True)
-        tangent = column_blocks(lambda b: ((units[:, b] - dots * mean[b]) * column).sum(0), n)
+        mean, products = steps.normalized_products(mean, mean_norm, units)
+        dots = products.sum(-1, keepdim=True)
+        tangent = steps.tangent(units, dots, mean, w)
         length = torch.norm(tangent) + eps
         cos, sin, scale = torch.cos(length), torch.sin(length) / length, (norms.squeeze(-1) * w).sum()
-        out = column_blocks(lambda b: (mean[b] * cos + tangent[b] * sin) * scale, n).view(stacked.shape[1:])
+        out = steps.interpolate(mean, tangent, cos, sin, scale).view(stacked.shape[1:])
     return out + base if base is not None else out
+
+
+class _MultislerpTorchSteps:
+    """Multi-SLERP's column-wise steps as torch ops, mergekit's arithmetic: whole-tensor reductions (the norms, the
+    dot products' sums) in mergekit's order, per-column steps a block of columns at a time; `fused_bf16.
+    MultislerpSteps` gives their bits in one pass each for bfloat16 on the CPU."""
+
+    def units(self, flat: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+        return flat / divisors
+
+    def weighted_sum(self, units: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        column = weights.view(-1, 1)
+        return column_blocks(lambda b: (units[:, b] * column).sum(0), units.shape[1])
+
+    def normalized_products(
+        self, mean: torch.Tensor, norm: torch.Tensor, units: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = mean / norm
+        return mean, units * mean
+
+    def tangent(
+        self, units: torch.Tensor, dots: torch.Tensor, mean: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        column = weights.view(-1, 1)
+        return column_blocks(lambda b: ((units[:, b] - dots * mean[b]) * column).sum(0), units.shape[1])
+
+    def interpolate(
+        self, mean: torch.Tensor, tangent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        return column_blocks(lambda b: (mean[b] * cos + tangent[b] * sin) * scale, mean.shape[0])
+
+
+def _multislerp_steps(flat: torch.Tensor) -> _MultislerpTorchSteps | MultislerpSteps:
+    if flat.dtype == torch.bfloat16 and flat.device.type == "cpu" and flat.shape[1] >= FUSED_FROM:
+        from merge.methods import fused_bf16  # numba: imported when a bfloat16 merge needs it
+
+        if flat.shape[0] <= fused_bf16.MAX_MODELS_IN_ORDER:
+            return fused_bf16.MultislerpSteps()
+    return _MultislerpTorchSteps()
 
 
 def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
@@ -211,9 +247,7 @@ class _TorchSteps:
 
 def _karcher_steps(tensors: Sequence[torch.Tensor], work: torch.dtype) -> _TorchSteps | KarcherSteps:
     first = tensors[0]
-    if first.numel() >= KARCHER_FUSED_FROM and all(
-        t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors
-    ):
+    if first.numel() >= FUSED_FROM and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
         from merge.methods.fused_bf16 import KarcherSteps  # numba: imported when a bfloat16 Karcher merge runs
 
         return KarcherSteps(first)

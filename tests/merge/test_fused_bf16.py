@@ -147,9 +147,9 @@ def test_methods_give_the_same_bits_on_both_paths(method: str, monkeypatch: pyte
 
 def sce_case(seed: int) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Inputs for SCE: small noise, exact copies (zero deltas and signed zeros), deltas that cancel, and every
-    bfloat16 bit pattern (Inf, NaN, subnormals), for 1 to SCE_MAX_MODELS models and three select_topk."""
+    bfloat16 bit pattern (Inf, NaN, subnormals), for 1 to MAX_MODELS_IN_ORDER models and three select_topk."""
     g = torch.Generator().manual_seed(seed)
-    count = [1, 2, 3, 5, fused_bf16.SCE_MAX_MODELS][seed % 5]
+    count = [1, 2, 3, 5, fused_bf16.MAX_MODELS_IN_ORDER][seed % 5]
     shape = [(7,), (100, 33), (70_001,), (300, 1000)][seed % 4]
     kind = seed % 4
     if kind == 3:
@@ -175,7 +175,7 @@ def test_sce_erase_gives_the_torch_path_bits(monkeypatch: pytest.MonkeyPatch) ->
         base, others, select_topk = sce_case(seed)
         fused_result = sce(base, others, select_topk)
         with monkeypatch.context() as patch:
-            patch.setattr(fused_bf16, "SCE_MAX_MODELS", 0)  # the torch erase
+            patch.setattr(fused_bf16, "MAX_MODELS_IN_ORDER", 0)  # the torch erase
             torch_result = sce(base, others, select_topk)
         assert same_bits(fused_result, torch_result), (seed, len(others), tuple(base.shape), select_topk)
 
@@ -269,3 +269,26 @@ def test_ordered_counts_count_every_bit_pattern_by_value_order(dtype: torch.dtyp
     values = torch.where(ordered >= 0x8000, ordered & 0x7FFF, 0xFFFF - ordered).to(torch.int16).view(dtype).double()
     values = values[~values.isnan()]
     assert torch.equal(values, torch.sort(finite).values)  # -0.0 before +0.0: equal as values
+
+
+def test_multislerp_steps_give_the_torch_path_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Multi-SLERP with the fused steps against its torch steps: 2 to MAX_MODELS_IN_ORDER models, about a base or
+    not, normalised weights or not, and inputs with every bit pattern (Inf, NaN, subnormals, signed zeros)."""
+    from merge.methods import spherical
+
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        count = [2, 3, 5, fused_bf16.MAX_MODELS_IN_ORDER][seed % 4]
+        shape = [(70_001,), (300, 234)][seed % 2]
+        base = torch.randn(shape, generator=g) * 0.02
+        tensors = [(base + torch.randn(shape, generator=g) * 0.01).bfloat16() for _ in range(count)]
+        if seed % 3 == 2:
+            tensors[0] = karcher_inputs(seed, tensors[0].numel())[0].view(shape)
+        weights = [float(w) for w in torch.rand(count, generator=g) + 0.1]
+        about = base.bfloat16() if seed % 2 else None
+        fast = spherical.multislerp(tensors, weights, about, normalize_weights=seed % 5 != 0)
+        assert isinstance(spherical._multislerp_steps(torch.stack(tensors).view(count, -1)), fused_bf16.MultislerpSteps)
+        with monkeypatch.context() as patch:
+            patch.setattr(spherical, "_multislerp_steps", lambda flat: spherical._MultislerpTorchSteps())
+            reference = spherical.multislerp(tensors, weights, about, normalize_weights=seed % 5 != 0)
+        assert same_bits(fast, reference), seed
