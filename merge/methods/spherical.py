@@ -199,6 +199,8 @@ def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float
             if omega.item() < tol:
                 continue
             terms.append((cos, a * (omega / torch.sin(omega)), u))
+        if not terms and tol > 0:  # every point at μ: g = 0, and ‖g‖ = 0 < tol ends the loop below anyway
+            break
         gradient, gradient_work = steps.gradient_of(mean, terms)
         step = torch.linalg.vector_norm(gradient_work)
         if step.item() < tol:
