@@ -558,7 +558,7 @@ def fused_task_vectors(
 MAX_MODELS_IN_ORDER = 16
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")  # no ZeroDivisionError check in the loop
 def _sce_erase_range(
     base: np.ndarray, deltas: tuple, eta: np.ndarray, floor: np.float32, out: np.ndarray, lo: int, hi: int
 ) -> None:
