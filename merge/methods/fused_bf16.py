@@ -697,6 +697,7 @@ class KarcherSteps:
 
     def __init__(self, like: torch.Tensor) -> None:
         self.float32 = torch.empty(like.shape, dtype=torch.float32)  # from torch's allocator, as `.float()` would be
+        self.float32_flat = self.float32.view(-1).numpy()
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """‖x‖ in float32, as torch.linalg.vector_norm(x.float()) (the same float32 values, in a reused buffer)."""
@@ -708,10 +709,10 @@ class KarcherSteps:
         """Σ w_i u_i accumulated from zero in order, and its float32 copy."""
         flats = tuple(_bits(u) for u in points)
         factors = np.array(weights, np.float32)
-        out, out32 = torch.empty_like(points[0]), self.float32
-        bits, bits32 = _bits(out), out32.view(-1).numpy()
+        out = torch.empty_like(points[0])
+        bits, bits32 = _bits(out), self.float32_flat
         _parallel(lambda lo, hi: _weighted_sum_range(flats, factors, bits, bits32, lo, hi), bits.size)
-        return out, out32
+        return out, self.float32
 
     def gradient_of(
         self, mean: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -722,27 +723,27 @@ class KarcherSteps:
         points = tuple(_bits(u) for _, _, u in terms)
         cosines = np.array([float(cos) for cos, _, _ in terms], np.float32)  # bfloat16 values: exact
         coefs = np.array([float(coef) for _, coef, _ in terms], np.float32)
-        out, out32 = torch.empty_like(mean), self.float32
-        flat_mean, bits, bits32 = _bits(mean), _bits(out), out32.view(-1).numpy()
+        out = torch.empty_like(mean)
+        flat_mean, bits, bits32 = _bits(mean), _bits(out), self.float32_flat
         _parallel(
             lambda lo, hi: _karcher_gradient_range(flat_mean, points, cosines, coefs, bits, bits32, lo, hi), bits.size
         )
-        return out, out32
+        return out, self.float32
 
     def step(self, mean: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos ‖g‖ · μ + sin ‖g‖ · g / ‖g‖ (step = ‖g‖, float32), and its float32 copy."""
         cos_step = np.float32(float(torch.cos(step).to(torch.bfloat16)))
         sin_step = np.float32(float(torch.sin(step).to(torch.bfloat16)))
         length = np.float32(float(step))
-        out, out32 = torch.empty_like(mean), self.float32
-        flat_mean, flat_gradient, bits, bits32 = _bits(mean), _bits(gradient), _bits(out), out32.view(-1).numpy()
+        out = torch.empty_like(mean)
+        flat_mean, flat_gradient, bits, bits32 = _bits(mean), _bits(gradient), _bits(out), self.float32_flat
         _parallel(
             lambda lo, hi: _karcher_step_range(
                 flat_mean, flat_gradient, cos_step, sin_step, length, bits, bits32, lo, hi
             ),
             bits.size,
         )
-        return out, out32
+        return out, self.float32
 
     def divide(self, x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
         """x / divisor (a float32 0-d tensor)."""
@@ -751,14 +752,6 @@ class KarcherSteps:
         bits = _bits(out)
         _parallel(lambda lo, hi: _divide_range(flat, value, bits, lo, hi), flat.size)
         return out
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _unit_rows_range(rows: np.ndarray, divisors: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
-    for i in range(rows.shape[0]):
-        x, o, d = rows[i, lo:hi], out[i, lo:hi], divisors[i]
-        for j in range(hi - lo):
-            o[j] = _round(_value(x[j]) / d)
 
 
 @njit(nogil=True, cache=True)
@@ -832,8 +825,10 @@ class MultislerpSteps:
     def units(self, flat: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
         """flat / divisors, one bfloat16 divisor per row."""
         out = torch.empty_like(flat)
-        rows, bits, values = _rows(flat), _rows(out), _values(divisors)
-        _parallel(lambda lo, hi: _unit_rows_range(rows, values, bits, lo, hi), rows.shape[1])
+        for row, out_row, divisor in zip(_rows(flat), _rows(out), _values(divisors)):
+            _parallel(
+                lambda lo, hi, row=row, out_row=out_row, d=divisor: _divide_range(row, d, out_row, lo, hi), row.size
+            )
         return out
 
     def weighted_sum(self, units: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

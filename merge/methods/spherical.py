@@ -152,10 +152,10 @@ class _MultislerpTorchSteps:
 
 
 def _multislerp_steps(flat: torch.Tensor) -> _MultislerpTorchSteps | MultislerpSteps:
-    if flat.dtype == torch.bfloat16 and flat.device.type == "cpu" and flat.shape[1] >= FUSED_FROM:
-        from merge.methods import fused_bf16  # numba: imported when a bfloat16 merge needs it
+    if flat.shape[1] >= FUSED_FROM:
+        from merge.methods import fused_bf16  # numba: imported when a large merge needs it
 
-        if flat.shape[0] <= fused_bf16.MAX_MODELS_IN_ORDER:
+        if fused_bf16.applies(flat, []) and flat.shape[0] <= fused_bf16.MAX_MODELS_IN_ORDER:
             return fused_bf16.MultislerpSteps()
     return _MultislerpTorchSteps()
 
@@ -248,9 +248,10 @@ class _TorchSteps:
 
 
 def _karcher_steps(tensors: Sequence[torch.Tensor], work: torch.dtype) -> _TorchSteps | KarcherSteps:
-    first = tensors[0]
-    if first.numel() >= FUSED_FROM and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
-        from merge.methods.fused_bf16 import KarcherSteps  # numba: imported when a bfloat16 Karcher merge runs
+    first, *rest = tensors
+    if first.numel() >= FUSED_FROM:
+        from merge.methods import fused_bf16  # numba: imported when a large merge needs it
 
-        return KarcherSteps(first)
+        if fused_bf16.applies(first, rest):
+            return fused_bf16.KarcherSteps(first)
     return _TorchSteps(work)
